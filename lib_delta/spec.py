@@ -1,0 +1,189 @@
+"""The settings spec: one frozen table drives the UI, infotext, paste parsing, X/Y/Z axes and API args."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import DeltaError
+
+SPEC_VERSION = 1
+INFOTEXT_KEY = "Delta Sampling"  # the compact, versioned value
+ADAPTER_KINDS = ("lora", "checkpoint", "prompt")
+SCHEDULES = ("constant", "linear", "cosine", "exponential", "sigmoid")
+LAMBDA_RANGE = (-2.0, 10.0)
+
+
+@dataclass(frozen=True)
+class Field:
+    attr: str  # DeltaSettings attribute; X/Y/Z writes p.ds_<attr>
+    label: str  # UI label and readable infotext key
+    short: str  # key inside the compact infotext value
+    kind: type
+    default: Any
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()
+    readable: bool = False  # also written as its own infotext key
+    tooltip: str = ""
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("enabled", "Delta Sampling", "on", bool, False, tooltip="Turn Delta Sampling on for this generation."),
+    Field("source", "DS source", "src", str, "", readable=True,
+          tooltip="Base checkpoint the adapter was made for (e.g. SD1.5). Runs beside the active checkpoint."),
+    Field("adapter_kind", "DS adapter kind", "kind", str, "lora", choices=ADAPTER_KINDS,
+          tooltip="lora: LoRA/LyCORIS file on the source; checkpoint: a fine-tune of the source; "
+                  "prompt: the same source with the adapted prompt only."),
+    Field("adapter", "DS adapter", "adp", str, "", readable=True,
+          tooltip="The LoRA/LyCORIS file or fine-tuned checkpoint whose effect is transferred."),
+    Field("adapter_weight", "DS adapter weight", "w", float, 1.0, -4.0, 4.0, 0.05,
+          tooltip="LoRA multiplier applied on the source side."),
+    Field("strength", "DS lambda", "lam", float, 1.0, LAMBDA_RANGE[0], LAMBDA_RANGE[1], 0.05, readable=True,
+          tooltip="lambda: how much of the adapter's effect to add. ~1 within a family, 2-4.5 for "
+                  "SD1.5->SDXL. Negative pushes away from the adapter's effect."),
+    Field("schedule", "DS schedule", "sch", str, "constant", choices=SCHEDULES, readable=True,
+          tooltip="How lambda changes over the active window of the sampling steps."),
+    Field("start", "DS start", "st", float, 0.0, 0.0, 1.0, 0.01, tooltip="Fraction of sampling where DS starts."),
+    Field("end", "DS end", "en", float, 1.0, 0.0, 1.0, 0.01, tooltip="Fraction of sampling where DS stops."),
+    Field("base_prompt", "DS base prompt", "bp", str, "",
+          tooltip="Prompt for the source base model. Empty: the target's prompt."),
+    Field("adapted_prompt", "DS adapted prompt", "ap", str, "",
+          tooltip="Prompt for the adapted source model (add trigger words here). Empty: the base prompt."),
+    Field("negative_prompt", "DS negative prompt", "np", str, "",
+          tooltip="Negative prompt for both source models. Empty: the target's negative prompt."),
+    Field("source_cfg", "DS source CFG", "cfg", float, 0.0, 0.0, 30.0, 0.5,
+          tooltip="CFG scale for the source pair. 0: the target's CFG scale."),
+)
+FIELD_BY_ATTR: dict[str, Field] = {f.attr: f for f in FIELDS}
+XYZ_ATTRS = ("strength", "schedule", "source", "adapter", "enabled")
+
+
+@dataclass(frozen=True)
+class DeltaSettings:
+    enabled: bool = False
+    source: str = ""
+    adapter_kind: str = "lora"
+    adapter: str = ""
+    adapter_weight: float = 1.0
+    strength: float = 1.0
+    schedule: str = "constant"
+    start: float = 0.0
+    end: float = 1.0
+    base_prompt: str = ""
+    adapted_prompt: str = ""
+    negative_prompt: str = ""
+    source_cfg: float = 0.0
+
+    @classmethod
+    def from_args(cls, args: Sequence[Any]) -> DeltaSettings:
+        """From positional UI/API args, in FIELDS order; missing trailing args take defaults."""
+        if len(args) > len(FIELDS):
+            raise DeltaError(f"Delta Sampling takes {len(FIELDS)} args, got {len(args)}")
+        values = {f.attr: coerce(f, v) for f, v in zip(FIELDS, args, strict=False)}
+        return cls(**values)
+
+    def to_args(self) -> list[Any]:
+        return [getattr(self, f.attr) for f in FIELDS]
+
+    def replace(self, **changes: Any) -> DeltaSettings:
+        return dataclasses.replace(self, **{k: coerce(FIELD_BY_ATTR[k], v) for k, v in changes.items()})
+
+    def with_overrides(self, obj: Any, prefix: str = "ds_") -> DeltaSettings:
+        """Apply X/Y/Z-style overrides stored as attributes `ds_<attr>` on `obj` (the WebUI's `p`)."""
+        found = {f.attr: getattr(obj, prefix + f.attr) for f in FIELDS if hasattr(obj, prefix + f.attr)}
+        return self.replace(**found) if found else self
+
+    def validate(self) -> DeltaSettings:
+        """Raise DeltaError for settings that would give a wrong image; return self."""
+        if not self.enabled:
+            return self
+        if not self.source:
+            raise DeltaError("Delta Sampling: choose a source base checkpoint.")
+        if self.adapter_kind not in ADAPTER_KINDS:
+            raise DeltaError(f"Delta Sampling: unknown adapter kind {self.adapter_kind!r}; use one of {ADAPTER_KINDS}.")
+        if self.adapter_kind != "prompt" and not self.adapter:
+            raise DeltaError(f"Delta Sampling: choose a {self.adapter_kind} adapter file.")
+        if self.adapter_kind == "prompt" and not self.adapted_prompt:
+            raise DeltaError("Delta Sampling: a prompt adapter needs an adapted prompt.")
+        if self.schedule not in SCHEDULES:
+            raise DeltaError(f"Delta Sampling: unknown schedule {self.schedule!r}; use one of {SCHEDULES}.")
+        for f in FIELDS:
+            value = getattr(self, f.attr)
+            if f.kind is float and not math.isfinite(value):
+                raise DeltaError(f"Delta Sampling: {f.label} must be a finite number, got {value}.")
+            if f.kind is float and f.minimum is not None and not f.minimum <= value <= f.maximum:
+                raise DeltaError(f"Delta Sampling: {f.label} = {value} is outside [{f.minimum}, {f.maximum}].")
+        if self.start >= self.end:
+            raise DeltaError(f"Delta Sampling: start ({self.start}) must be before end ({self.end}).")
+        return self
+
+    # -- infotext ---------------------------------------------------------------------------------
+    def to_infotext(self) -> dict[str, str]:
+        """The infotext entries: one compact versioned key plus readable parts. Empty when off."""
+        if not self.enabled:
+            return {}
+        compact = {"v": SPEC_VERSION}
+        for f in FIELDS[1:]:
+            value = getattr(self, f.attr)
+            if value != f.default:
+                compact[f.short] = value
+        entries = {INFOTEXT_KEY: json.dumps(compact, ensure_ascii=False, separators=(",", ":"))}
+        for f in FIELDS:
+            if f.readable:
+                entries[f.label] = format_value(getattr(self, f.attr))
+        return entries
+
+    @classmethod
+    def from_infotext(cls, params: Mapping[str, Any]) -> DeltaSettings:
+        """Parse pasted infotext params. No DS key means DS off. Malformed values raise DeltaError."""
+        raw = params.get(INFOTEXT_KEY)
+        if raw is None:
+            return cls()
+        try:
+            compact = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError as e:
+            raise DeltaError(f"Malformed '{INFOTEXT_KEY}' infotext value: {e.msg} in {str(raw)[:80]!r}") from e
+        if not isinstance(compact, dict):
+            raise DeltaError(f"Malformed '{INFOTEXT_KEY}' infotext value: expected an object, got {str(raw)[:80]!r}")
+        version = compact.pop("v", None)
+        if version != SPEC_VERSION:
+            raise DeltaError(f"Unsupported '{INFOTEXT_KEY}' version {version!r}; this extension reads v{SPEC_VERSION}.")
+        by_short = {f.short: f for f in FIELDS}
+        unknown = sorted(set(compact) - set(by_short))
+        if unknown:
+            raise DeltaError(f"Unknown keys in '{INFOTEXT_KEY}' infotext: {', '.join(unknown)}")
+        values = {by_short[k].attr: coerce(by_short[k], v) for k, v in compact.items()}
+        return cls(enabled=True, **values).validate()
+
+
+def coerce(field: Field, value: Any) -> Any:
+    """Convert a UI/API/infotext/X-Y-Z value to the field's type, or raise DeltaError."""
+    try:
+        if field.kind is bool:
+            if isinstance(value, str):
+                if value.strip().lower() not in ("true", "false", "1", "0", "on", "off"):
+                    raise ValueError(value)
+                return value.strip().lower() in ("true", "1", "on")
+            return bool(value)
+        if field.kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        value = "" if value is None else str(value)
+    except (TypeError, ValueError) as e:
+        raise DeltaError(f"Delta Sampling: bad value {value!r} for {field.label}") from e
+    if field.choices and value not in field.choices:
+        raise DeltaError(f"Delta Sampling: {field.label} must be one of {', '.join(field.choices)}, got {value!r}")
+    return value
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
