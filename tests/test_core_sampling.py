@@ -1,0 +1,148 @@
+"""Exact identities of the core through the real k-diffusion sampler loop (and A1111's DDIM update)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gaussian import (
+    SHAPE,
+    MiniCFGDenoiser,
+    alphas_cumprod,
+    gaussian_model,
+    make_pair,
+    sample_ddim,
+    sample_k,
+    total_calls,
+)
+
+from lib_delta import DeltaError, latent
+from lib_delta.delta import DeltaRun, StepInput
+from lib_delta.spec import DeltaSettings
+
+CFG = 5.0
+SAMPLER_NAMES = ["euler", "heun", "dpmpp_2m", "ddim"]
+
+
+def means(seed: int) -> torch.Tensor:
+    return torch.randn(SHAPE[1:], generator=torch.Generator().manual_seed(seed))
+
+
+MU_T, MU_B, MU_A = means(1), means(2), means(3)
+
+
+def settings(lam: float, schedule: str = "constant", **kw) -> DeltaSettings:
+    return DeltaSettings(enabled=True, source="src", adapter="a", strength=lam, schedule=schedule, **kw)
+
+
+def run_sampler(name: str, mu_target, pair=None, lam: float = 1.0, schedule="constant", **kw):
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    eps = name == "ddim"
+    alphas = alphas_cumprod() if eps else None
+    run = None
+    if pair is not None:
+        run = DeltaRun(settings(lam, schedule, **kw), pair, latent.SD1, alphas_cumprod=alphas)
+    model = gaussian_model(mu_target, torch.zeros_like(mu_target))
+    den = MiniCFGDenoiser(model, CFG, run, total_calls(name), eps_alphas=alphas)
+    out = sample_ddim(den, noise) if eps else sample_k(name, den, noise)
+    return out, run
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_lambda_zero_is_bit_identical(name):
+    off, _ = run_sampler(name, MU_T)
+    on, run = run_sampler(name, MU_T, make_pair(MU_B, MU_A, CFG), lam=0.0)
+    assert torch.equal(off, on)
+    assert run.applied_steps == 0
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_base_equals_adapted_is_bit_identical(name):
+    off, _ = run_sampler(name, MU_T)
+    on, run = run_sampler(name, MU_T, make_pair(MU_B, MU_B.clone(), CFG), lam=1.7)
+    assert run.applied_steps > 0
+    assert torch.equal(off, on)
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("lam", [1.0, 2.5, -0.5])
+def test_gaussian_mean_moves_by_lambda_delta(name, lam):
+    """D_t + lam*(D_a - D_b) is exactly the denoiser of N(mu_t + lam*(mu_a - mu_b)): same samples."""
+    shifted = MU_T + lam * (MU_A - MU_B)
+    # CFG with a zero uncond mean scales the cond mean by CFG, for target and source alike
+    ds, run = run_sampler(name, MU_T, make_pair(MU_B, MU_A, CFG), lam=lam)
+    native, _ = run_sampler(name, shifted)
+    torch.testing.assert_close(ds, native, rtol=1e-4, atol=1e-4)
+    # Deterministic samplers map x_T to m + a*(x_T - m) for data mean m: measure (1 - a) from two runs.
+    plain, _ = run_sampler(name, MU_T)
+    zero, _ = run_sampler(name, torch.zeros_like(MU_T))
+    kept = (plain - zero) / (CFG * MU_T)
+    expected = lam * CFG * (MU_A - MU_B)
+    torch.testing.assert_close(ds - plain, kept * expected, rtol=1e-3, atol=1e-3)
+    # k-diffusion starts from sigma_max*noise, ignoring the data mean, which costs ~tau/sigma_max of it
+    assert ((kept - 1).abs() < 0.1).all()
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "ddim"])
+def test_final_sample_is_linear_in_lambda(name):
+    pair = make_pair(MU_B, MU_A, CFG)
+    x0, _ = run_sampler(name, MU_T, pair, lam=0.0)
+    x1, _ = run_sampler(name, MU_T, pair, lam=0.8)
+    x2, _ = run_sampler(name, MU_T, pair, lam=1.9)
+    x3, _ = run_sampler(name, MU_T, pair, lam=2.7)
+    torch.testing.assert_close(x3 - x0, (x1 - x0) + (x2 - x0), rtol=1e-4, atol=1e-4)
+
+
+def test_schedule_window_limits_applied_steps():
+    _, run = run_sampler("euler", MU_T, make_pair(MU_B, MU_A, CFG), lam=1.0, start=0.25, end=0.75)
+    lams = run.history
+    assert lams[0] == 0.0 and lams[-1] == 0.0
+    assert 0 < run.applied_steps < len(lams)
+
+
+def test_single_step_delta_matches_formula_sd15_to_sdxl():
+    """SD1.5 source, SDXL target: x_src = to_src(x0) + (x - x0), delta scaled by s_t / s_s."""
+    x0 = torch.randn(SHAPE)
+    sigma = torch.full((SHAPE[0],), 3.0)
+    x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(SHAPE)
+    seen = {}
+
+    class RecordingPair:
+        latent_format = latent.SD1
+
+        def denoise(self, x_src, s, *, adapted, step, skip_uncond):
+            seen["x_src"] = x_src
+            return x_src * (2.0 if adapted else 1.0)
+
+    run = DeltaRun(settings(1.5), RecordingPair(), latent.SDXL)
+    run.capture(StepInput(x, sigma, 0, 0.0))
+    out = run.apply(x0)
+    expected_x_src = x0 * (0.18215 / 0.13025) + (x - x0)
+    torch.testing.assert_close(seen["x_src"], expected_x_src)
+    torch.testing.assert_close(out, x0 + 1.5 * expected_x_src * (0.13025 / 0.18215))
+
+
+def test_same_format_source_sees_exactly_x():
+    x = torch.randn(SHAPE)
+    assert latent.to_source_input(x, torch.randn(SHAPE), latent.SD1, latent.SD2) is x
+
+
+@pytest.mark.parametrize(("src", "tgt"), [(latent.SD1, latent.SD3), (latent.SD3, latent.SDXL), (latent.SD3, latent.FLUX)])
+def test_unsupported_pairs_are_refused(src, tgt):
+    pair = make_pair(MU_B, MU_A, CFG, fmt=src)
+    with pytest.raises(DeltaError, match="cannot pair"):
+        DeltaRun(settings(1.0), pair, tgt)
+
+
+def test_non_finite_delta_is_an_error():
+    pair = make_pair(MU_B, MU_A * float("nan"), CFG)
+    run = DeltaRun(settings(1.0), pair, latent.SD1)
+    x = torch.randn(SHAPE)
+    run.capture(StepInput(x, torch.ones(SHAPE[0]), 0, 0.0))
+    with pytest.raises(DeltaError, match="non-finite"):
+        run.apply(x)
+
+
+def test_apply_without_capture_is_an_error():
+    run = DeltaRun(settings(1.0), make_pair(MU_B, MU_A, CFG), latent.SD1)
+    with pytest.raises(DeltaError, match="did not pair up"):
+        run.apply(torch.randn(SHAPE))

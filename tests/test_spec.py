@@ -1,0 +1,113 @@
+"""The settings spec: args, validation, infotext round trip, schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lib_delta import DeltaError, schedules
+from lib_delta.spec import FIELDS, INFOTEXT_KEY, DeltaSettings
+
+FULL = DeltaSettings(
+    enabled=True, source="sd15 [abcdef1234]", adapter_kind="lora", adapter="style, v2 [1234]",
+    adapter_weight=0.8, strength=2.5, schedule="cosine", start=0.1, end=0.9,
+    base_prompt="a cat", adapted_prompt='a cat, "ink": sketch; {x=1}', negative_prompt="blurry", source_cfg=6.5,
+)
+
+
+def test_args_round_trip_in_field_order():
+    assert DeltaSettings.from_args(FULL.to_args()) == FULL
+    assert [f.attr for f in FIELDS] == list(DeltaSettings.__dataclass_fields__)
+
+
+def test_missing_trailing_args_take_defaults():
+    s = DeltaSettings.from_args([True, "sd15", "prompt"])
+    assert s.enabled and s.adapter_kind == "prompt" and s.strength == 1.0
+
+
+def test_infotext_round_trip_and_readable_parts():
+    entries = FULL.to_infotext()
+    assert entries["DS lambda"] == "2.5" and entries["DS schedule"] == "cosine"
+    assert entries["DS source"] == "sd15 [abcdef1234]"
+    assert DeltaSettings.from_infotext(entries) == FULL
+
+
+def test_compact_value_omits_defaults_and_is_versioned():
+    entries = DeltaSettings(enabled=True, source="s", adapter="a").to_infotext()
+    assert entries[INFOTEXT_KEY] == '{"v":1,"src":"s","adp":"a"}'
+
+
+def test_no_ds_key_means_off_and_off_writes_nothing():
+    assert DeltaSettings.from_infotext({"Steps": "20"}) == DeltaSettings()
+    assert DeltaSettings().to_infotext() == {}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("{not json", "Malformed"),
+        ("[1, 2]", "expected an object"),
+        ('{"v":9,"src":"s"}', "Unsupported"),
+        ('{"v":1,"src":"s","adp":"a","zzz":1}', "Unknown keys"),
+        ('{"v":1,"src":"s","adp":"a","lam":"abc"}', "bad value"),
+        ('{"v":1,"src":"s","adp":"a","sch":"zigzag"}', "must be one of"),
+        ('{"v":1,"src":"s","adp":"a","lam":1e9}', "outside"),
+    ],
+)
+def test_malformed_infotext_is_a_clear_error(raw, message):
+    with pytest.raises(DeltaError, match=message):
+        DeltaSettings.from_infotext({INFOTEXT_KEY: raw})
+
+
+@pytest.mark.parametrize("lam", [math.nan, math.inf, 10.5, -2.5])
+def test_bad_lambda_is_refused(lam):
+    with pytest.raises(DeltaError):
+        FULL.replace(strength=lam).validate()
+
+
+def test_negative_lambda_is_allowed():
+    assert FULL.replace(strength=-1.0).validate().strength == -1.0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"source": ""}, "source base checkpoint"), ({"adapter": ""}, "adapter file"),
+     ({"adapter_kind": "prompt", "adapted_prompt": ""}, "adapted prompt"), ({"start": 0.9, "end": 0.2}, "before end")],
+)
+def test_incomplete_settings_are_refused(change, message):
+    with pytest.raises(DeltaError, match=message):
+        FULL.replace(**change).validate()
+
+
+def test_xyz_overrides_come_from_p_attributes():
+    class P:
+        ds_strength = "3.5"
+        ds_schedule = "linear"
+
+    s = FULL.with_overrides(P())
+    assert s.strength == 3.5 and s.schedule == "linear" and s.source == FULL.source
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine", "exponential", "sigmoid"])
+def test_schedules_start_at_full_strength_and_respect_the_window(name):
+    assert schedules.lambda_at(0.2, 2.0, name, 0.2, 0.8) == pytest.approx(2.0)
+    assert schedules.lambda_at(0.1, 2.0, name, 0.2, 0.8) == 0.0
+    assert schedules.lambda_at(0.9, 2.0, name, 0.2, 0.8) == 0.0
+    inside = [schedules.lambda_at(0.2 + 0.06 * i, 2.0, name, 0.2, 0.8) for i in range(11)]
+    assert all(a >= b - 1e-12 for a, b in zip(inside, inside[1:], strict=False))  # non-increasing
+
+
+def test_schedule_values():
+    assert schedules.lambda_at(0.5, 1.0, "linear") == pytest.approx(0.5)
+    assert schedules.lambda_at(0.5, 1.0, "cosine") == pytest.approx(0.5)
+    assert schedules.lambda_at(0.5, 1.0, "sigmoid") == pytest.approx(0.5)
+    assert schedules.lambda_at(1.0, 1.0, "sigmoid") == pytest.approx(0.0)
+
+
+def test_progress_helpers():
+    assert schedules.progress_from_calls(0, 20) == 0.0
+    assert schedules.progress_from_calls(19, 20) == 1.0
+    assert schedules.progress_from_calls(25, 20) == 1.0
+    assert schedules.progress_from_sigma(14.6, 14.6, 0.03) == 0.0
+    assert schedules.progress_from_sigma(0.03, 14.6, 0.03) == pytest.approx(1.0)
