@@ -1,0 +1,178 @@
+"""A1111: build independent source models and their conditioning, without touching the active model.
+
+Never `sd_models.load_model` (it trashes the active model) and never `model_loaded_callback` (it would
+tag modules for the Lora extension, which would merge the prompt's <lora:...> into the source).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from modules import devices, prompt_parser, sd_models, shared
+
+from lib_delta import DeltaError, latent, logger
+from lib_delta.lora import LoraAdapter, read_safetensors
+
+
+def target_format(model: Any) -> latent.LatentFormat:
+    """The latent format of an A1111 model object (the active one or a source)."""
+    if getattr(model, "is_sd3", False):
+        return latent.SD3
+    if getattr(model, "is_sdxl", False):
+        return latent.SDXL
+    if getattr(model, "is_sd2", False):
+        return latent.SD2
+    return latent.SD1
+
+
+def find_checkpoint(title: str) -> Any:
+    """CheckpointInfo for a title like 'name [hash]'; the hash wins when the name differs."""
+    if not title:
+        raise DeltaError("Delta Sampling: no source checkpoint selected.")
+    info = sd_models.get_closet_checkpoint_match(title)
+    if info is None and title.endswith("]") and "[" in title:
+        info = sd_models.checkpoint_aliases.get(title.rsplit("[", 1)[1][:-1])
+    if info is None:
+        raise DeltaError(f"Delta Sampling: checkpoint '{title}' was not found. Check the name or refresh the list.")
+    if not os.path.isfile(info.filename):
+        raise DeltaError(f"Delta Sampling: checkpoint file is missing: {info.filename}")
+    return info
+
+
+def read_weights(filename: str) -> dict[str, torch.Tensor]:
+    """safetensors are parsed directly; anything else goes through A1111's safe unpickler."""
+    if not os.path.isfile(filename):
+        raise DeltaError(f"Delta Sampling: file is missing: {filename}")
+    if filename.lower().endswith(".safetensors"):
+        return read_safetensors(filename)
+    try:
+        return sd_models.read_state_dict(filename, map_location="cpu")
+    except Exception as e:
+        raise DeltaError(f"Delta Sampling: cannot read {os.path.basename(filename)}: {e}") from e
+
+
+@dataclass
+class SourceModel:
+    """An independent A1111 model object used only for its UNet and text encoder(s)."""
+
+    title: str
+    model: torch.nn.Module
+    denoiser: torch.nn.Module
+    latent_format: latent.LatentFormat
+    adapters: dict[tuple, LoraAdapter] = field(default_factory=dict)
+
+    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        cond_dict = cond if isinstance(cond, dict) else {"c_crossattn": [cond]}
+        with devices.autocast():
+            return self.denoiser(x, sigma, cond=cond_dict).to(x.dtype)
+
+    def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
+               width: int, height: int) -> tuple[Any, Any]:
+        """(multicond, uncond) through the host's prompt parser, with this model's own text encoder."""
+        old = shared.opts.use_old_scheduling
+        pos = prompt_parser.SdConditioning(prompts, width=width, height=height)
+        neg = prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True)
+        with devices.autocast(), torch.no_grad():
+            uc = prompt_parser.get_learned_conditioning(self.model, neg, steps, hires_steps, old)
+            c = prompt_parser.get_multicond_learned_conditioning(self.model, pos, steps, hires_steps, old)
+        return c, uc
+
+    def lora(self, filename: str, multiplier: float) -> LoraAdapter:
+        key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
+        if key not in self.adapters:
+            self.adapters.clear()
+            adapter = LoraAdapter.from_state_dict(read_weights(filename), self.model, multiplier)
+            logger.info("LoRA %s on %s: %d keys matched", os.path.basename(filename), self.title, adapter.report.matched)
+            self.adapters[key] = adapter
+        return self.adapters[key]
+
+
+def load_source(info: Any) -> SourceModel:
+    """Load a checkpoint as an independent model in the host's device and UNet dtype."""
+    logger.info("loading source model %s", info.title)
+    try:
+        model = _instantiate(info, read_weights(info.filename))
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        gc.collect()
+        devices.torch_gc()
+        raise DeltaError(f"Delta Sampling: out of memory while loading the source '{info.title}'. "
+                         "Free memory (smaller cache, --medvram) or choose a smaller source.") from e
+    except DeltaError:
+        raise
+    except Exception as e:
+        raise DeltaError(f"Delta Sampling: cannot build a model from '{info.title}': {e}") from e
+    fmt = target_format(model)
+    unet_in = getattr(model.model.diffusion_model, "in_channels", fmt.channels)
+    if unet_in != fmt.channels:
+        raise DeltaError(f"Delta Sampling: '{info.title}' is an inpainting/edit model ({unet_in} input channels); "
+                         "use a plain base checkpoint as the source.")
+    return SourceModel(info.title, model, _denoiser(model), fmt)
+
+
+def _instantiate(info: Any, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    from modules import sd_disable_initialization, sd_models_config, sd_models_xl
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(sd_models_config.find_checkpoint_config(state_dict, info))
+    sd_models.repair_config(config, state_dict)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("first_stage_model.")}
+    with sd_disable_initialization.DisableInitialization(disable_clip=True), \
+            sd_disable_initialization.InitializeOnMeta():
+        model = sd_models.instantiate_from_config(config.model, state_dict)
+    model.first_stage_model = torch.nn.Identity()  # the source never decodes; keep no VAE
+    conversion = None if shared.cmd_opts.no_half else {"alphas_cumprod": None, "": torch.float16}
+    with sd_disable_initialization.LoadStateDictOnMeta(state_dict, device=devices.cpu,
+                                                       weight_dtype_conversion=conversion):
+        sd_models.set_model_type(model, state_dict)
+        sd_models.set_model_fields(model)
+        if model.is_sdxl:
+            sd_models_xl.extend_sdxl(model)
+        if hasattr(model, "before_load_weights"):
+            model.before_load_weights(state_dict)
+        model.load_state_dict(state_dict, strict=False)
+        if hasattr(model, "after_load_weights"):
+            model.after_load_weights(state_dict)
+    del state_dict
+    model.is_sdxl_inpaint = False
+    alphas = model.alphas_cumprod
+    model.alphas_cumprod = None
+    model.to(devices.device, devices.dtype_unet)
+    model.alphas_cumprod = alphas.to(devices.device, torch.float32)
+    sd_models.apply_alpha_schedule_override(model)
+    model.eval().requires_grad_(False)
+    _hijack_text_encoders(model)
+    return model
+
+
+def _hijack_text_encoders(model: torch.nn.Module) -> None:
+    """Wrap the source's text encoders for emphasis, long prompts and TI, keeping the host's globals."""
+    from modules import sd_hijack, sd_unet
+
+    hijack = sd_hijack.model_hijack
+    saved = (hijack.clip, hijack.layers, sd_unet.original_forward)
+    try:
+        hijack.hijack(model)
+    finally:
+        hijack.clip, hijack.layers, sd_unet.original_forward = saved
+
+
+def _denoiser(model: torch.nn.Module) -> torch.nn.Module:
+    if hasattr(model, "create_denoiser"):
+        return model.create_denoiser()
+    import k_diffusion.external
+
+    wrapper = k_diffusion.external.CompVisVDenoiser if model.parameterization == "v" else k_diffusion.external.CompVisDenoiser
+    return wrapper(model, quantize=shared.opts.enable_quantization)
+
+
+def release(source: SourceModel) -> None:
+    """Drop a source model's weights so the memory really comes back."""
+    source.adapters.clear()
+    source.model.to("meta")
+    source.model = source.denoiser = None  # type: ignore[assignment]
+    gc.collect()
+    devices.torch_gc()

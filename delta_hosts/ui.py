@@ -1,0 +1,101 @@
+"""The Delta Sampling panel, built from the settings spec. Cheap and side-effect free: the API calls it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+
+from lib_delta import DeltaError, logger
+from lib_delta.spec import FIELD_BY_ATTR, FIELDS, INFOTEXT_KEY, DeltaSettings
+
+from . import choices
+
+
+def build(script: Any, is_img2img: bool) -> list[Any]:
+    """Components in FIELDS order (= API args order); sets the script's infotext paste fields."""
+    from modules.ui_common import create_refresh_button
+    from modules.ui_components import InputAccordion
+
+    tab = "img2img" if is_img2img else "txt2img"
+
+    def eid(attr: str) -> str:
+        return f"delta_sampling_{tab}_{attr}"
+
+    def kw(attr: str) -> dict[str, Any]:
+        f = FIELD_BY_ATTR[attr]
+        return {"label": f.label, "value": f.default, "elem_id": eid(attr)}
+
+    def slider(attr: str) -> gr.Slider:
+        f = FIELD_BY_ATTR[attr]
+        return gr.Slider(minimum=f.minimum, maximum=f.maximum, step=f.step, **kw(attr))
+
+    c: dict[str, Any] = {}
+    with InputAccordion(False, label="Delta Sampling", elem_id=eid("enabled")) as c["enabled"]:
+        with gr.Row():
+            c["source"] = gr.Dropdown(choices=choices.checkpoints(), allow_custom_value=True, **kw("source"))
+            create_refresh_button(c["source"], choices.refresh_checkpoints,
+                                  lambda: {"choices": choices.checkpoints()}, eid("source_refresh"))
+        with gr.Row():
+            c["adapter_kind"] = gr.Dropdown(choices=list(FIELD_BY_ATTR["adapter_kind"].choices), **kw("adapter_kind"))
+            c["adapter"] = gr.Dropdown(choices=choices.adapters("lora"), allow_custom_value=True, **kw("adapter"))
+            create_refresh_button(c["adapter"], choices.refresh_adapters,
+                                  lambda: {"choices": choices.adapters(None)}, eid("adapter_refresh"))
+            c["adapter_weight"] = slider("adapter_weight")
+        c["strength"] = slider("strength")
+        with gr.Row():
+            c["schedule"] = gr.Dropdown(choices=list(FIELD_BY_ATTR["schedule"].choices), **kw("schedule"))
+            c["start"] = slider("start")
+            c["end"] = slider("end")
+        for attr in ("base_prompt", "adapted_prompt", "negative_prompt"):
+            c[attr] = gr.Textbox(lines=1, placeholder=FIELD_BY_ATTR[attr].tooltip, **kw(attr))
+        with gr.Accordion("Advanced", open=False):
+            c["source_cfg"] = slider("source_cfg")
+    c["adapter_kind"].change(fn=lambda kind: gr.update(choices=choices.adapters(kind)),
+                             inputs=[c["adapter_kind"]], outputs=[c["adapter"]], show_progress=False)
+
+    from modules.infotext_utils import PasteField
+
+    script.infotext_fields = [PasteField(c[f.attr], paste_value(f.attr), api=None) for f in FIELDS]
+    script.paste_field_names = [INFOTEXT_KEY, *(f.label for f in FIELDS if f.readable)]
+    return [c[f.attr] for f in FIELDS]
+
+
+def paste_value(attr: str) -> Callable[[dict[str, Any]], Any]:
+    """Paste function of one field: parse the DS infotext; no DS key turns the panel off."""
+
+    def value(params: dict[str, Any]) -> Any:
+        try:
+            settings = DeltaSettings.from_infotext(params)
+        except DeltaError as e:
+            if attr != "enabled":
+                return None
+            logger.error("%s", e)
+            raise gr.Error(str(e)) from e
+        if attr == "source" and settings.enabled:
+            return choices.resolve_checkpoint(settings.source)
+        if attr == "adapter" and settings.enabled:
+            return choices.resolve_adapter(settings.adapter_kind, settings.adapter)
+        return getattr(settings, attr)
+
+    return value
+
+
+def on_ui_settings() -> None:
+    from modules import shared
+
+    section = ("delta_sampling", "Delta Sampling")
+    shared.opts.add_option("delta_sampling_cache_size", shared.OptionInfo(
+        2, "Source models kept in memory between generations", gr.Slider,
+        {"minimum": 1, "maximum": 8, "step": 1}, section=section, category_id="sd"))
+    shared.opts.add_option("delta_sampling_log_level", shared.OptionInfo(
+        "INFO", "Delta Sampling log level", gr.Radio, {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+        onchange=apply_log_level, section=section, category_id="sd"))
+    apply_log_level()
+
+
+def apply_log_level() -> None:
+    from modules import shared
+
+    logger.setLevel(shared.opts.data.get("delta_sampling_log_level", "INFO"))

@@ -1,0 +1,71 @@
+"""X/Y/Z plot axes. Values reach the script through `p.ds_<attr>`, read in Script.process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from lib_delta import DeltaError, logger
+from lib_delta.spec import FIELD_BY_ATTR, SCHEDULES, coerce
+
+from . import choices
+
+PREFIX = "[DS] "
+# (attr, label, cost): model axes are costly so the grid loops over them outermost
+AXES: tuple[tuple[str, str, float], ...] = (
+    ("strength", "Lambda", 0.0),
+    ("schedule", "Schedule", 0.0),
+    ("source", "Source checkpoint", 1.0),
+    ("adapter", "Adapter", 0.9),
+    ("enabled", "Enabled", 0.0),
+)
+AXIS_CHOICES: dict[str, Callable[[], list[str]]] = {
+    "schedule": lambda: list(SCHEDULES),
+    "source": choices.checkpoints,
+    "adapter": lambda: choices.adapters(None),
+    "enabled": lambda: ["True", "False"],
+}
+
+
+def apply_field(attr: str) -> Callable[[Any, Any, Any], None]:
+    def apply(p: Any, x: Any, xs: Any) -> None:
+        setattr(p, "ds_" + attr, coerce(FIELD_BY_ATTR[attr], x))
+
+    return apply
+
+
+def confirm_field(attr: str) -> Callable[[Any, list[Any]], None]:
+    field = FIELD_BY_ATTR[attr]
+
+    def confirm(p: Any, xs: list[Any]) -> None:
+        for x in xs:
+            value = coerce(field, x)
+            if field.kind is float and not (field.minimum <= value <= field.maximum):
+                raise DeltaError(f"{PREFIX}{field.label}: {value} is outside [{field.minimum}, {field.maximum}]")
+
+    return confirm
+
+
+def find_xyz_module() -> ModuleType | None:
+    from modules import scripts
+
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid"):
+            return data.module
+    return None
+
+
+def register() -> None:
+    """Add the DS axes once; safe to call at import and again from on_before_ui."""
+    xyz = find_xyz_module()
+    if xyz is None:
+        logger.debug("X/Y/Z plot script not found; DS axes not registered")
+        return
+    if any(opt.label.startswith(PREFIX) for opt in xyz.axis_options):
+        return
+    for attr, label, cost in AXES:
+        kind = float if FIELD_BY_ATTR[attr].kind is float else str
+        xyz.axis_options.append(xyz.AxisOption(
+            PREFIX + label, kind, apply_field(attr), confirm=confirm_field(attr), cost=cost,
+            choices=AXIS_CHOICES.get(attr)))
