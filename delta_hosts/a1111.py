@@ -70,8 +70,12 @@ def prepare(p: Any, settings: DeltaSettings) -> None:
             settings = settings.replace(adapter=title)
         settings = settings.replace(source=info.title)
         p.extra_generation_params.update(settings.to_infotext())
-    except DeltaError as e:
-        fail(state, e)
+    except Exception as e:
+        fail(state, as_delta_error(e))
+
+
+def as_delta_error(e: Exception) -> DeltaError:
+    return e if isinstance(e, DeltaError) else DeltaError(f"Delta Sampling failed: {type(e).__name__}: {e}")
 
 
 def fail(state: Prepared, error: DeltaError) -> None:
@@ -96,8 +100,8 @@ def begin_pass(p: Any) -> None:
         state.target = shared.sd_model
         state.run = DeltaRun(state.settings, _pair(p, state), models.target_format(shared.sd_model),
                              alphas_cumprod=_timestep_alphas(p))
-    except DeltaError as e:
-        fail(state, e)
+    except Exception as e:
+        fail(state, as_delta_error(e))
 
 
 def finish(p: Any) -> None:
@@ -164,7 +168,9 @@ def _guard_sampler(p: Any, state: Prepared) -> None:
     """Wrap this sampler instance's entry points: DS errors become a normal exception, no image."""
     sampler = p.sampler
     for name in ("sample", "sample_img2img"):
-        original = getattr(type(sampler), name)
+        original = getattr(type(sampler), name, None)
+        if original is None:
+            continue
 
         def guarded(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
             if state.error is not None:
@@ -215,10 +221,8 @@ def on_cfg_denoiser(params: Any) -> None:
         state.run.nmask = denoiser.nmask if denoiser.mask is not None else None
         state.run.capture(StepInput(x, sigma, denoiser.step, progress, _skips_uncond(denoiser, sigma)))
         ACTIVE.append(state)
-    except DeltaError as e:
-        _abort(state, e)
     except Exception as e:
-        _abort(state, DeltaError(f"Delta Sampling failed: {e}"))
+        _abort(state, as_delta_error(e))
 
 
 def on_cfg_after_cfg(params: Any) -> None:
@@ -227,12 +231,10 @@ def on_cfg_after_cfg(params: Any) -> None:
     state = ACTIVE.pop()
     try:
         params.x = state.run.apply(params.x)
-    except DeltaError as e:
-        _abort(state, e)
     except torch.cuda.OutOfMemoryError as e:
         _abort(state, DeltaError(f"Delta Sampling ran out of memory running the source pair: {e}"))
     except Exception as e:
-        _abort(state, DeltaError(f"Delta Sampling failed: {e}"))
+        _abort(state, as_delta_error(e))
 
 
 def _abort(state: Prepared, error: DeltaError) -> None:

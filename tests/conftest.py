@@ -1,7 +1,71 @@
+import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+FAKE_WEBUI = ROOT / "tests" / "fake_webui"
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+HOST_MODULES = ("modules", "delta_hosts", "gradio", "networks", "delta_sampling.py")
+
+
+def _purge() -> None:
+    for name in list(sys.modules):
+        if name.split(".")[0] in HOST_MODULES:
+            del sys.modules[name]
+
+
+@pytest.fixture
+def webui(tmp_path, monkeypatch):
+    """The extension loaded into fake A1111 modules, with tiny random-weight checkpoints on disk."""
+    import safetensors.torch
+    from tinyldm import TinyLDM
+
+    _purge()
+    sys.path.insert(0, str(FAKE_WEBUI))
+    try:
+        import networks
+        from modules import processing, script_callbacks, scripts, sd_models, shared
+
+        shared.sd_model = TinyLDM(seed=1).eval().requires_grad_(False)
+        shared.state.interrupted = False
+        models_dir = tmp_path / "models"
+        models_dir.mkdir()
+        checkpoints = {}
+        for name, seed in (("sd15_a", 1), ("sd15_b", 2)):
+            path = models_dir / f"{name}.safetensors"
+            safetensors.torch.save_file(TinyLDM(seed=seed).state_dict(), str(path))
+            checkpoints[name] = sd_models.CheckpointInfo(str(path), f"{seed:010d}").register()
+        shared.sd_model.sd_checkpoint_info = checkpoints["sd15_a"]
+
+        spec = importlib.util.spec_from_file_location("delta_sampling.py", ROOT / "scripts" / "delta_sampling.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["delta_sampling.py"] = module
+        spec.loader.exec_module(module)
+        from delta_hosts import a1111, a1111_models
+
+        loads: list[str] = []
+
+        def load_tiny_source(info):
+            loads.append(info.title)
+            model = TinyLDM()
+            model.load_state_dict(a1111_models.read_weights(info.filename))
+            model.eval().requires_grad_(False)
+            return a1111_models.SourceModel(info.title, model, a1111_models._denoiser(model),
+                                            a1111_models.target_format(model))
+
+        monkeypatch.setattr(a1111_models, "load_source", load_tiny_source)
+        a1111.CACHE.clear()
+        yield SimpleNamespace(
+            script=module.DeltaSamplingScript(), module=module, a1111=a1111, models=a1111_models, shared=shared,
+            processing=processing, callbacks=script_callbacks, scripts=scripts, sd_models=sd_models,
+            networks=networks, checkpoints=checkpoints, loads=loads, tmp=tmp_path,
+        )
+    finally:
+        sys.path.remove(str(FAKE_WEBUI))
+        _purge()

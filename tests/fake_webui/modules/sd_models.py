@@ -1,0 +1,48 @@
+"""A1111's checkpoint registry (CheckpointInfo titles 'name [shorthash]', alias lookup)."""
+
+import os
+
+checkpoints_list: dict = {}
+checkpoint_aliases: dict = {}
+
+
+class CheckpointInfo:
+    def __init__(self, filename, shorthash):
+        self.filename = filename
+        self.name = os.path.splitext(os.path.basename(filename))[0]
+        self.name_for_extra = self.name
+        self.model_name = self.name
+        self.hash = shorthash[:8]
+        self.sha256 = shorthash * 6
+        self.shorthash = shorthash
+        self.title = f"{self.name} [{shorthash}]"
+        self.short_title = self.title
+        self.ids = [self.hash, self.model_name, self.title, self.name, self.shorthash, self.sha256]
+
+    def register(self):
+        checkpoints_list[self.title] = self
+        for i in self.ids:
+            checkpoint_aliases[i] = self
+        return self
+
+
+def checkpoint_tiles(use_short=False):
+    return [x.short_title if use_short else x.title for x in checkpoints_list.values()]
+
+
+def list_models():
+    pass
+
+
+def get_closet_checkpoint_match(search_string):
+    if not search_string:
+        return None
+    info = checkpoint_aliases.get(search_string)
+    if info is not None:
+        return info
+    found = sorted([i for i in checkpoints_list.values() if search_string in i.title], key=lambda x: len(x.title))
+    if found:
+        return found[0]
+    bare = search_string.rsplit(" [", 1)[0]
+    found = sorted([i for i in checkpoints_list.values() if bare in i.title], key=lambda x: len(x.title))
+    return found[0] if found else None

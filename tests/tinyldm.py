@@ -1,0 +1,106 @@
+"""A tiny eps-prediction latent diffusion model with real SD1.5 ldm module names, for host-glue tests."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+DIM, CTX, TOKENS, VOCAB = 16, 12, 5, 97
+
+
+def _seq(**modules: nn.Module) -> nn.Module:
+    m = nn.Module()
+    for name, child in modules.items():
+        m.add_module(name, child)
+    return m
+
+
+class TinyUNet(nn.Module):
+    """input_blocks.0.0 conv -> cross-attention block input_blocks.1.1 -> out.2 conv, with time_embed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.time_embed = nn.Sequential(nn.Linear(8, DIM), nn.SiLU(), nn.Linear(DIM, DIM))
+        attn = _seq(to_q=nn.Linear(DIM, DIM, bias=False), to_k=nn.Linear(CTX, DIM, bias=False),
+                    to_v=nn.Linear(CTX, DIM, bias=False), to_out=nn.ModuleList([nn.Linear(DIM, DIM)]))
+        block = _seq(attn2=attn, ff=_seq(net=nn.ModuleList([_seq(proj=nn.Linear(DIM, DIM))])))
+        transformer = _seq(proj_in=nn.Conv2d(DIM, DIM, 1), transformer_blocks=nn.ModuleList([block]),
+                           proj_out=nn.Conv2d(DIM, DIM, 1))
+        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(4, DIM, 3, padding=1)]),
+                                           nn.ModuleList([nn.Identity(), transformer])])
+        self.out = nn.Sequential(nn.GroupNorm(4, DIM), nn.SiLU(), nn.Conv2d(DIM, 4, 3, padding=1))
+        self.in_channels = 4
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        freqs = torch.exp(-torch.arange(4, dtype=torch.float32) * 2.0)
+        angles = t.float()[:, None] / 100.0 * freqs[None]
+        emb = self.time_embed(torch.cat([angles.sin(), angles.cos()], 1))
+        h = self.input_blocks[0][0](x) + emb[:, :, None, None]
+        tr = self.input_blocks[1][1]
+        b, c, hh, ww = h.shape
+        tokens = tr.proj_in(h).flatten(2).transpose(1, 2)
+        attn = tr.transformer_blocks[0].attn2
+        q, k, v = attn.to_q(tokens), attn.to_k(context), attn.to_v(context)
+        weights = torch.softmax(q @ k.transpose(1, 2) / DIM**0.5, -1)
+        tokens = tokens + attn.to_out[0](weights @ v)
+        tokens = tokens + torch.tanh(tr.transformer_blocks[0].ff.net[0].proj(tokens))
+        h = h + tr.proj_out(tokens.transpose(1, 2).reshape(b, c, hh, ww))
+        return self.out(h)
+
+
+class TinyTextModel(nn.Module):
+    """HF CLIP-like names: transformer.text_model.encoder.layers.0.self_attn.{q,k,v,out}_proj."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        attn = _seq(q_proj=nn.Linear(CTX, CTX), k_proj=nn.Linear(CTX, CTX), v_proj=nn.Linear(CTX, CTX),
+                    out_proj=nn.Linear(CTX, CTX))
+        layer = _seq(self_attn=attn)
+        text_model = _seq(embeddings=_seq(token_embedding=nn.Embedding(VOCAB, CTX)),
+                          encoder=_seq(layers=nn.ModuleList([layer])))
+        self.transformer = _seq(text_model=text_model)
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        ids = torch.tensor([tokenize(t) for t in texts])
+        tm = self.transformer.text_model
+        h = tm.embeddings.token_embedding(ids)
+        a = tm.encoder.layers[0].self_attn
+        w = torch.softmax(a.q_proj(h) @ a.k_proj(h).transpose(1, 2) / CTX**0.5, -1)
+        return h + a.out_proj(w @ a.v_proj(h))
+
+
+def tokenize(text: str) -> list[int]:
+    words = (text.lower().split() + ["<pad>"] * TOKENS)[:TOKENS]
+    return [int(hashlib.md5(w.encode()).hexdigest(), 16) % VOCAB for w in words]
+
+
+class DiffusionWrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.diffusion_model = TinyUNet()
+        self.conditioning_key = "crossattn"
+
+
+class TinyLDM(nn.Module):
+    """The A1111-facing surface of an ldm LatentDiffusion: apply_model, get_learned_conditioning, alphas."""
+
+    parameterization = "eps"
+    is_sdxl = is_sd2 = is_sd3 = False
+    is_sd1 = True
+    cond_stage_key = "txt"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = DiffusionWrapper()
+        self.cond_stage_model = TinyTextModel()
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.model.diffusion_model(x, t, cond["c_crossattn"][0])
+
+    def get_learned_conditioning(self, texts: list[str]) -> torch.Tensor:
+        return self.cond_stage_model(texts)
