@@ -179,6 +179,9 @@ def _guard_sampler(p: Any, state: Prepared) -> None:
                 return _original(sampler, *args, **kwargs)
             except DeltaAbort as abort:
                 raise state.error or DeltaError(str(abort)) from None
+            finally:
+                ACTIVE.clear()
+                state.run = None  # the pass is over: drop its conds and captured tensors
 
         setattr(sampler, name, guarded)
 

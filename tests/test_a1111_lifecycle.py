@@ -1,0 +1,177 @@
+"""A1111 glue: LoRA adapters, bad input, interrupts, and what is left behind after a run."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import safetensors.torch
+import torch
+from test_a1111_sampling import PROMPT, ds, generate
+from tinyldm import CTX, DIM, TinyLDM
+
+from lib_delta import DeltaError
+from lib_delta.lora import LoraAdapter
+
+
+def write_lora(webui, name: str = "style", seed: int = 3, keys=None) -> str:
+    g = torch.Generator().manual_seed(seed)
+    shapes = keys or {
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k": (DIM, CTX),
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_v": (DIM, CTX),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (CTX, CTX),
+    }
+    sd = {}
+    for key, (out_f, in_f) in shapes.items():
+        sd[f"{key}.lora_down.weight"] = torch.randn(2, in_f, generator=g)
+        sd[f"{key}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
+        sd[f"{key}.alpha"] = torch.tensor(2.0)
+    path = webui.tmp / f"{name}.safetensors"
+    safetensors.torch.save_file(sd, str(path))
+    webui.networks.register(name, str(path), shorthash=f"{seed:012d}")
+    return str(path)
+
+
+def lora_ds(**kw):
+    return ds(adapter_kind="lora", adapter="style", adapted_prompt="", **kw)
+
+
+def source_modules(webui):
+    state_source = next(iter(webui.a1111.CACHE.entries.values()))
+    return list(state_source.model.modules())
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "DDIM"])
+def test_source_equals_target_lora_at_lambda_one_equals_native_lora(webui, sampler):
+    path = write_lora(webui)
+    on, _, processed = generate(webui, lora_ds(strength=1.0), sampler_name=sampler)
+    merged = copy.deepcopy(webui.shared.sd_model)
+    LoraAdapter.from_state_dict(safetensors.torch.load_file(path), merged, 1.0).merge_into_(merged)
+    webui.shared.sd_model = merged
+    native, _, _ = generate(webui, sampler_name=sampler)
+    torch.testing.assert_close(on, native, rtol=1e-4, atol=1e-4)
+    assert processed.infotexts[0]["DS adapter"] == "style [000000000003]"
+    # the LoRA lives on the cached source only while the adapted branch runs
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in source_modules(webui))
+
+
+def test_second_generation_loads_nothing(webui):
+    write_lora(webui)
+    generate(webui, lora_ds())
+    adapters = next(iter(webui.a1111.CACHE.entries.values())).adapters.copy()
+    generate(webui, lora_ds())
+    assert webui.loads == ["sd15_a [0000000001]"]
+    assert next(iter(webui.a1111.CACHE.entries.values())).adapters == adapters
+
+
+def run_fails(webui, settings, match, **kw):
+    with pytest.raises(DeltaError, match=match):
+        generate(webui, settings, **kw)
+    assert webui.module.a1111.ACTIVE == []
+    import re
+
+    import gradio
+
+    assert gradio.warnings and re.search(match, gradio.warnings[-1])
+    # the next generation works
+    ok, _, _ = generate(webui, ds())
+    assert torch.isfinite(ok).all()
+
+
+def test_missing_source_checkpoint(webui):
+    run_fails(webui, ds(source="nope"), "was not found")
+
+
+def test_source_deleted_between_runs(webui):
+    generate(webui, ds(source="sd15_b"))
+    import os
+
+    os.remove(webui.checkpoints["sd15_b"].filename)
+    with pytest.raises(DeltaError, match="missing"):
+        generate(webui, ds(source="sd15_b"))
+
+
+def test_corrupt_source_file(webui):
+    with open(webui.checkpoints["sd15_b"].filename, "wb") as f:
+        f.write(b"\x00garbage" * 10)
+    with pytest.raises(DeltaError, match="sd15_b"):
+        generate(webui, ds(source="sd15_b"))
+
+
+def test_lora_for_another_architecture_is_refused_with_counts(webui):
+    write_lora(webui, keys={"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (640, 2048),
+                            "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k": (DIM, CTX)})
+    run_fails(webui, lora_ds(), r"3 of 6 keys matched, 3 unmatched")
+
+
+@pytest.mark.parametrize("lam", [math.nan, 11.0])
+def test_bad_lambda_is_refused(webui, lam):
+    run_fails(webui, ds(strength=lam), "lambda")
+
+
+def test_unsupported_pair_is_refused(webui):
+    webui.shared.sd_model.is_sd3 = True  # a 16-channel flow target
+    with pytest.raises(DeltaError, match="cannot pair"):
+        generate(webui, ds())
+
+
+def test_non_finite_delta_stops_the_generation(webui):
+    nan_model = TinyLDM(seed=1)
+    with torch.no_grad():
+        nan_model.model.diffusion_model.out[2].weight.fill_(math.nan)
+    path = webui.tmp / "models" / "broken.safetensors"
+    safetensors.torch.save_file(nan_model.state_dict(), str(path))
+    webui.sd_models.CheckpointInfo(str(path), "9999999999").register()
+    run_fails(webui, ds(adapter_kind="checkpoint", adapter="broken"), "non-finite")
+
+
+def test_interrupt_mid_sampling_leaves_nothing_behind(webui):
+    write_lora(webui)
+    calls = []
+
+    def interrupt_at_step_three(params):
+        calls.append(1)
+        if len(calls) == 3:
+            webui.shared.state.interrupted = True
+
+    webui.callbacks.on_cfg_after_cfg(interrupt_at_step_three)
+    before = registered(webui)
+    _, p, _ = generate(webui, lora_ds(), steps=8)
+    assert len(calls) == 3
+    assert getattr(p, webui.a1111.STATE_ATTR) is None and webui.a1111.ACTIVE == []
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in source_modules(webui))
+    assert registered(webui) == before
+
+
+def test_exception_inside_the_sampler_leaves_nothing_behind(webui, monkeypatch):
+    write_lora(webui)
+    target = webui.shared.sd_model
+    original = target.apply_model
+    count = []
+
+    def explode(*args, **kwargs):
+        count.append(1)
+        if len(count) == 3:
+            raise RuntimeError("device lost")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, "apply_model", explode)
+    with pytest.raises(RuntimeError, match="device lost"):
+        generate(webui, lora_ds())
+    assert webui.a1111.ACTIVE == []
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in source_modules(webui))
+
+
+def registered(webui) -> dict[str, int]:
+    return {k: len(v) for k, v in webui.callbacks.callback_map.items() if v}
+
+
+def test_callbacks_are_registered_once_and_inert_when_off(webui):
+    counts = registered(webui)
+    assert counts["callbacks_cfg_denoiser"] == 1 and counts["callbacks_cfg_after_cfg"] == 1
+    for _ in range(2):
+        generate(webui, ds())
+        generate(webui)
+    assert registered(webui) == counts
+    assert webui.shared.sd_model.training is False and PROMPT
