@@ -1,0 +1,139 @@
+"""Panel, infotext paste, X/Y/Z axes and settings against fake A1111 modules."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from test_a1111_lifecycle import write_lora
+from test_a1111_sampling import ds, generate
+
+from lib_delta import DeltaError
+from lib_delta.spec import FIELDS, DeltaSettings
+
+
+def paste(webui, components, infotext_line: str) -> dict[str, object]:
+    from modules import infotext_utils
+
+    params = infotext_utils.parse_generation_parameters(infotext_line)
+    fields = {id(f.component): f for f in webui.script.infotext_fields}
+    return {f.attr: fields[id(c)].function(params) for f, c in zip(FIELDS, components, strict=True)}
+
+
+def infotext_line(webui, params: dict) -> str:
+    from modules import infotext_utils
+
+    return infotext_utils.parameters_line({"Steps": 20, "Sampler": "Euler", "CFG scale": 7, **params})
+
+
+def test_ui_returns_components_in_spec_order_without_side_effects(webui):
+    before = ({k: len(v) for k, v in webui.callbacks.callback_map.items() if v}, list(webui.loads))
+    comps = webui.script.ui(False)
+    again = webui.script.ui(True)
+    assert [c.kwargs.get("label") for c in comps] == [f.label for f in FIELDS]
+    assert [c.value for c in comps] == DeltaSettings().to_args()
+    assert type(comps[0]).__name__ == "InputAccordion" and len(again) == len(FIELDS)
+    assert comps[1].kwargs["choices"] == ["sd15_a [0000000001]", "sd15_b [0000000002]"]
+    assert ({k: len(v) for k, v in webui.callbacks.callback_map.items() if v}, webui.loads) == before
+    kind = comps[2]
+    (event, kw), = kind.events
+    write_lora(webui)
+    assert kw["fn"]("lora")["choices"] == ["style"] and kw["fn"]("checkpoint")["choices"][0].startswith("sd15_a")
+
+
+def test_infotext_round_trip_through_a1111_format(webui):
+    write_lora(webui)
+    settings = ds(adapter_kind="lora", adapter="style", strength=2.5, schedule="cosine", start=0.1,
+                  base_prompt="a cat, sketch: ink", adapted_prompt='a cat, "ink" style', source_cfg=4.5)
+    _, p, _ = generate(webui, settings)
+    comps = webui.script.ui(False)
+    line = infotext_line(webui, p.extra_generation_params)
+    assert "DS lambda: 2.5" in line and "DS schedule: cosine" in line
+    pasted = paste(webui, comps, line)
+    assert pasted == {**settings.replace(source="sd15_a [0000000001]").__dict__}
+
+
+def test_names_resolve_by_hash_when_they_differ(webui):
+    write_lora(webui)
+    settings = ds(source="renamed [0000000002]", adapter_kind="lora", adapter="old_name [000000000003]")
+    comps = webui.script.ui(False)
+    pasted = paste(webui, comps, infotext_line(webui, settings.to_infotext()))
+    assert pasted["source"] == "sd15_b [0000000002]" and pasted["adapter"] == "style"
+
+
+def test_infotext_without_ds_turns_the_panel_off(webui):
+    comps = webui.script.ui(False)
+    pasted = paste(webui, comps, infotext_line(webui, {"Seed": 3}))
+    assert pasted["enabled"] is False
+
+
+def test_malformed_infotext_is_a_clear_error(webui):
+    import gradio
+
+    comps = webui.script.ui(False)
+    line = infotext_line(webui, {"Delta Sampling": '{"v":1,"lam":"lots"}'})
+    with pytest.raises(gradio.Error, match="bad value"):
+        paste(webui, comps, line)
+    fields = {id(f.component): f for f in webui.script.infotext_fields}
+    from modules import infotext_utils
+
+    params = infotext_utils.parse_generation_parameters(line)
+    assert fields[id(comps[5])].function(params) is None  # other fields stay as they are
+
+
+def fake_xyz(webui) -> types.ModuleType:
+    xyz = types.ModuleType("xyz_grid.py")
+
+    class AxisOption:
+        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+            self.label, self.type, self.apply, self.confirm, self.cost, self.choices = label, type, apply, confirm, cost, choices
+
+    xyz.AxisOption, xyz.axis_options = AxisOption, []
+    script_class = type("Script", (), {"__module__": "xyz_grid.py"})
+    webui.scripts.scripts_data.append(webui.scripts.ScriptClassData(script_class, "xyz_grid.py", ".", xyz))
+    return xyz
+
+
+def test_xyz_axes_register_once_and_reach_the_script_through_p(webui):
+    from delta_hosts import xyz as ds_xyz
+
+    xyz = fake_xyz(webui)
+    ds_xyz.register()
+    ds_xyz.register()
+    labels = [o.label for o in xyz.axis_options]
+    assert labels == ["[DS] Lambda", "[DS] Schedule", "[DS] Source checkpoint", "[DS] Adapter", "[DS] Enabled"]
+    axes = {o.label: o for o in xyz.axis_options}
+    assert axes["[DS] Source checkpoint"].cost == 1.0 and axes["[DS] Lambda"].cost == 0.0
+    assert axes["[DS] Schedule"].choices() == ["constant", "linear", "cosine", "exponential", "sigmoid"]
+    with pytest.raises(DeltaError):
+        axes["[DS] Lambda"].confirm(None, [1.0, float("nan")])
+    with pytest.raises(DeltaError):
+        axes["[DS] Lambda"].confirm(None, [42.0])
+
+    off, _, _ = generate(webui)
+    cells = []
+    for lam in (0.0, 1.0):
+        p = webui.processing.StableDiffusionProcessing(prompt="a red fox in snow", negative_prompt="blurry",
+                                                       scripts=[webui.script], script_args=tuple(ds().to_args()))
+        axes["[DS] Lambda"].apply(p, lam, None)
+        cells.append((torch.cat(webui.processing.process_images(p).samples), p.extra_generation_params["DS lambda"]))
+    assert torch.equal(cells[0][0], off) and cells[0][1] == "0"
+    assert not torch.equal(cells[1][0], off) and cells[1][1] == "1"
+    p = webui.processing.StableDiffusionProcessing(prompt="a red fox in snow", negative_prompt="blurry",
+                                                   scripts=[webui.script], script_args=tuple(ds().to_args()))
+    axes["[DS] Enabled"].apply(p, "False", None)
+    assert torch.equal(torch.cat(webui.processing.process_images(p).samples), off)
+    assert "Delta Sampling" not in p.extra_generation_params
+
+
+def test_settings_section_and_log_level(webui):
+    from lib_delta import logger
+
+    webui.callbacks.ui_settings_callback()
+    opts = webui.shared.opts
+    assert opts.delta_sampling_cache_size == 2 and opts.delta_sampling_log_level == "INFO"
+    opts.data["delta_sampling_log_level"] = "WARNING"
+    opts.data_labels["delta_sampling_log_level"].onchange()
+    assert logger.level == 30
+    logger.setLevel("INFO")
