@@ -1,0 +1,23 @@
+// Tooltips for the Delta Sampling panel, keyed by label (A1111's hints.js `titles`).
+// Kept equal to lib_delta/spec.py tooltips by tests/test_packaging.py.
+(function () {
+    const deltaSamplingTitles = {
+        "Delta Sampling": "Turn Delta Sampling on for this generation.",
+        "DS source": "Base checkpoint the adapter was made for (e.g. SD1.5). Runs beside the active checkpoint.",
+        "DS adapter kind": "lora: LoRA/LyCORIS file on the source; checkpoint: a fine-tune of the source; prompt: the same source with the adapted prompt only.",
+        "DS adapter": "The LoRA/LyCORIS file or fine-tuned checkpoint whose effect is transferred.",
+        "DS adapter weight": "LoRA multiplier applied on the source side.",
+        "DS lambda": "lambda: how much of the adapter's effect to add. ~1 within a family, 2-4.5 for SD1.5->SDXL. Negative pushes away from the adapter's effect.",
+        "DS schedule": "How lambda changes over the active window of the sampling steps.",
+        "DS start": "Fraction of sampling where DS starts.",
+        "DS end": "Fraction of sampling where DS stops.",
+        "DS base prompt": "Prompt for the source base model. Empty: the target's prompt.",
+        "DS adapted prompt": "Prompt for the adapted source model (add trigger words here). Empty: the base prompt.",
+        "DS negative prompt": "Negative prompt for both source models. Empty: the target's negative prompt.",
+        "DS source CFG": "CFG scale for the source pair. 0: the target's CFG scale."
+    };
+    if (typeof titles === "undefined") {
+        window.titles = {};
+    }
+    Object.assign(titles, deltaSamplingTitles);
+})();
