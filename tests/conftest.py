@@ -4,12 +4,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_WEBUI = ROOT / "tests" / "fake_webui"
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+torch.set_num_threads(1)  # tiny models: thread start-up dominates on small CPUs
 
 HOST_MODULES = ("modules", "delta_hosts", "gradio", "networks", "delta_sampling.py")
 

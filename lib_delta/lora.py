@@ -1,0 +1,452 @@
+"""LoRA / LyCORIS adapters applied on the fly, one layer at a time.
+
+While `LoraAdapter.enabled()` is active, every patched module runs with its
+merged weight W' = W + multiplier * dW, built just before its forward and
+dropped right after it; outside the context the model is untouched.
+The math follows A1111's extensions-builtin/Lora (scale, then DoRA, then
+multiplier).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import DeltaError
+from . import logger as log
+
+Shape = tuple[int, ...]
+
+_EXAMPLES = 5
+_KNOWN_SUFFIXES = {
+    "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "scale", "dora_scale",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "diff", "diff_b",
+}  # fmt: skip
+_SUFFIX_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+_RESNET_SUFFIX = {
+    "conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0",
+    "norm2": "out_layers_0", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection",
+}  # fmt: skip
+
+
+class LoraError(DeltaError):
+    """An adapter file that cannot be read or does not fit the source model."""
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Reads a .safetensors adapter to CPU; other formats belong to the host's safe loader."""
+    if os.path.splitext(path)[1].lower() != ".safetensors":
+        raise LoraError(f"Only .safetensors adapters can be read directly, not {os.path.basename(path)!r}.")
+    if not os.path.isfile(path):
+        raise LoraError(f"LoRA file not found: {path}")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises several error types for bad files
+        raise LoraError(f"LoRA file is not a valid safetensors file: {path} ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class KeyReport:
+    matched: int
+    unmatched: int
+    skipped_text_encoder: int
+    unmatched_examples: tuple[str, ...]
+
+
+# ---------------------------------------------------------------- key names
+
+
+def _diffusers_to_ldm(name: str) -> list[str]:
+    """Candidate ldm (underscore) paths for a diffusers-style UNet name."""
+    m = re.fullmatch(r"(down|up)_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
+    if m:
+        side, block, kind, index, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        rest = _RESNET_SUFFIX.get(rest, rest) if kind == "resnets" else rest
+        number = 3 * block + index + 1 if side == "down" else 3 * block + index
+        prefix = "input_blocks" if side == "down" else "output_blocks"
+        return [f"{prefix}_{number}_{1 if kind == 'attentions' else 0}_{rest}"]
+    m = re.fullmatch(r"mid_block_(attentions|resnets)_(\d+)_(.+)", name)
+    if m:
+        rest = _RESNET_SUFFIX.get(m[3], m[3]) if m[1] == "resnets" else m[3]
+        return [f"middle_block_{1 if m[1] == 'attentions' else 2 * int(m[2])}_{rest}"]
+    m = re.fullmatch(r"down_blocks_(\d+)_downsamplers_0_conv", name)
+    if m:
+        return [f"input_blocks_{3 * int(m[1]) + 3}_0_op"]
+    m = re.fullmatch(r"up_blocks_(\d+)_upsamplers_0_conv", name)
+    if m:  # after the resnet, or after resnet + attention
+        number = 3 * int(m[1]) + 2
+        return [f"output_blocks_{number}_1_conv", f"output_blocks_{number}_2_conv"]
+    m = re.fullmatch(r"(time|add)_embedding_linear_(\d+)", name)
+    if m:
+        target = "time_embed" if m[1] == "time" else "label_emb_0"
+        return [f"{target}_{2 * int(m[2]) - 2}"]
+    fixed = {"conv_in": "input_blocks_0_0", "conv_out": "out_2", "conv_norm_out": "out_0"}
+    return [fixed[name]] if name in fixed else []
+
+
+def _weighted_modules(root: nn.Module, root_name: str, stem: str) -> dict[str, str]:
+    """{stem + underscore path: full dotted name} for the modules under root that own a weight."""
+    index = {}
+    for sub, module in root.named_modules():
+        if isinstance(getattr(module, "weight", None), torch.Tensor):
+            full = ".".join(part for part in (root_name, sub) if part)
+            index.setdefault(stem + sub.replace(".", "_"), full)
+    return index
+
+
+@dataclass
+class _ModelIndex:
+    """Where the UNet and the first (HF CLIP) text encoder live in the source model."""
+
+    unet: dict[str, str]
+    text_encoder: dict[str, str]
+    family: str
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _ModelIndex:
+        names = dict(model.named_modules())
+        unet_name = next((n for n in names if n.split(".")[-1] == "diffusion_model"), None)
+        if unet_name is None and hasattr(model, "input_blocks"):
+            unet_name = ""  # a bare UNet
+        if unet_name is None:
+            raise LoraError("The source model has no UNet (no 'diffusion_model' module).")
+        unet = names[unet_name] if unet_name else model
+        unet_index = _weighted_modules(unet, unet_name, "")
+        te_name = next(
+            (n for n in names if n.endswith("text_model")
+             and (n.startswith("cond_stage_model.") or n.startswith("conditioner.embedders.0."))),
+            None,
+        )  # fmt: skip
+        te_index = _weighted_modules(names[te_name], te_name, "text_model_") if te_name else {}
+        if hasattr(model, "conditioner"):
+            family = "SDXL"
+        elif hasattr(model, "cond_stage_model"):
+            family = "SD1" if te_name else "SD2"
+        else:
+            family = "unknown architecture"
+        return cls(unet_index, te_index, family)
+
+    def resolve(self, base: str) -> str | None:
+        """Full module name for a kohya key stem; None if nothing in the model fits."""
+        if base.startswith("lora_unet_"):
+            rest = base[len("lora_unet_") :]
+            for candidate in [rest, *_diffusers_to_ldm(rest)]:
+                if candidate in self.unet:
+                    return self.unet[candidate]
+            return None
+        m = re.fullmatch(r"lora_te1?_(.+)", base)
+        return self.text_encoder.get(m[1]) if m else None
+
+    def skips(self, base: str) -> bool:
+        """Text-encoder keys we cannot serve: OpenCLIP encoders (SDXL TE2, SD2)."""
+        m = re.match(r"lora_te(\d*)_", base)
+        return bool(m) and (m[1] not in ("", "1") or not self.text_encoder)
+
+
+# ---------------------------------------------------------------- math
+
+
+def _matrix(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _tucker(core: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
+    """Rebuilds (out, in, k, k) from a Tucker core and its (rank, out) / (rank, in) factors."""
+    return torch.einsum("ij...,jr,ip->pr...", core, _matrix(w_b), _matrix(w_a))
+
+
+def _kind(parts: dict[str, torch.Tensor]) -> str | None:
+    if {"lora_up.weight", "lora_down.weight"} <= parts.keys():
+        return "lora"
+    if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= parts.keys():
+        return "loha"
+    has_w1 = "lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= parts.keys()
+    has_w2 = "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= parts.keys()
+    if has_w1 and has_w2:
+        return "lokr"
+    return "full" if "diff" in parts else None
+
+
+def _raw_delta(kind: str, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int | None]:
+    """Unscaled dW in the adapter's own layout, and the rank that alpha divides by."""
+    if kind == "lora":
+        up, down = _matrix(p["lora_up.weight"]), _matrix(p["lora_down.weight"])
+        if "lora_mid.weight" in p:  # CP / Tucker LoCon
+            return torch.einsum("nm...,in,mj->ij...", p["lora_mid.weight"], up, down), down.shape[0]
+        return up @ down, down.shape[0]
+    if kind == "loha":
+        halves = []
+        for i in ("1", "2"):
+            w_a, w_b, core = p[f"hada_w{i}_a"], p[f"hada_w{i}_b"], p.get(f"hada_t{i}")
+            half = _tucker(core, w_a, w_b) if core is not None else _matrix(w_a) @ _matrix(w_b)
+            halves.append(_matrix(half))
+        return halves[0] * halves[1], p["hada_w1_b"].shape[0]
+    if kind == "lokr":
+        w1 = p["lokr_w1"] if "lokr_w1" in p else _matrix(p["lokr_w1_a"]) @ _matrix(p["lokr_w1_b"])
+        if "lokr_w2" in p:
+            w2 = p["lokr_w2"]
+        elif "lokr_t2" in p:
+            w2 = _tucker(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+        else:
+            w2 = _matrix(p["lokr_w2_a"]) @ _matrix(p["lokr_w2_b"])
+        while w1.dim() < w2.dim():
+            w1 = w1.unsqueeze(-1)
+        rank_of = p.get("lokr_w2_b", p.get("lokr_w1_b"))  # A1111: w2's rank wins
+        return torch.kron(w1, w2.contiguous()), rank_of.shape[0] if rank_of is not None else None
+    return p["diff"], None
+
+
+def _decompose(delta: torch.Tensor, weight: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA: rescale W + dW to the stored magnitude, per input column (A1111 / LyCORIS default)
+    or per output row when the magnitude is stored as (out, 1, ...)."""
+    merged = weight + delta
+    ones = [1] * (weight.dim() - 1)
+    if magnitude.dim() >= 2 and magnitude.shape[0] == weight.shape[0] > 1:
+        norm = _matrix(merged).norm(dim=1).reshape(weight.shape[0], *ones)
+    else:
+        columns = merged.transpose(0, 1).reshape(weight.shape[1], -1)
+        norm = columns.norm(dim=1, keepdim=True).reshape(weight.shape[1], *ones).transpose(0, 1)
+    return merged * (magnitude.reshape(norm.shape) / norm) - weight
+
+
+def _matrix_shape(shape: Shape) -> tuple[int, int]:
+    return shape[0], math.prod(shape[1:])
+
+
+def _product_shape(a: Shape, b: Shape) -> tuple[int, int]:  # of _matrix(a) @ _matrix(b)
+    (rows, inner), (inner_b, cols) = _matrix_shape(a), _matrix_shape(b)
+    if inner != inner_b:
+        raise ValueError(f"factors {a} and {b} do not chain")
+    return rows, cols
+
+
+def _tucker_shape(core: Shape, w_a: Shape, w_b: Shape) -> Shape:
+    (i, p), (j, r) = _matrix_shape(w_a), _matrix_shape(w_b)
+    if tuple(core[:2]) != (i, j):
+        raise ValueError(f"Tucker core {core} does not fit factors {w_a}, {w_b}")
+    return (p, r, *core[2:])
+
+
+def _check_shapes(kind: str, s: dict[str, Shape], weight: Shape) -> None:
+    """Raises ValueError unless _raw_delta on factors of these shapes fits the weight: mirrors it."""
+    if kind == "lora":
+        up, down = _matrix_shape(s["lora_up.weight"]), _matrix_shape(s["lora_down.weight"])
+        if "lora_mid.weight" in s:
+            delta = _tucker_shape(s["lora_mid.weight"], (up[1], up[0]), down)
+        else:
+            delta = _product_shape(up, down)
+    elif kind == "loha":
+        halves = []
+        for i in ("1", "2"):
+            w_a, w_b, core = s[f"hada_w{i}_a"], s[f"hada_w{i}_b"], s.get(f"hada_t{i}")
+            halves.append(
+                _matrix_shape(_tucker_shape(core, w_a, w_b) if core is not None else _product_shape(w_a, w_b))
+            )
+        if halves[0] != halves[1]:
+            raise ValueError(f"LoHa halves differ: {halves}")
+        delta = halves[0]
+    elif kind == "lokr":
+        w1 = s["lokr_w1"] if "lokr_w1" in s else _product_shape(s["lokr_w1_a"], s["lokr_w1_b"])
+        if "lokr_w2" in s:
+            w2 = s["lokr_w2"]
+        elif "lokr_t2" in s:
+            w2 = _tucker_shape(s["lokr_t2"], s["lokr_w2_a"], s["lokr_w2_b"])
+        else:
+            w2 = _product_shape(s["lokr_w2_a"], s["lokr_w2_b"])
+        delta = (w1[0] * w2[0], math.prod(w1[1:]) * math.prod(w2[1:]))
+    else:
+        delta = s["diff"]
+    if delta[0] != weight[0] or math.prod(delta) != math.prod(weight):
+        raise ValueError(f"dW of shape {tuple(delta)} does not fit a weight of shape {tuple(weight)}")
+    if "dora_scale" in s:
+        magnitude = s["dora_scale"]
+        by_row = len(magnitude) >= 2 and magnitude[0] == weight[0] > 1
+        if len(weight) < 2 or math.prod(magnitude) != weight[0 if by_row else 1]:
+            raise ValueError(f"dora_scale {magnitude} does not fit a weight of shape {tuple(weight)}")
+    if "diff_b" in s and math.prod(s["diff_b"]) != weight[0]:
+        raise ValueError(f"diff_b {s['diff_b']} does not fit {weight[0]} outputs")
+
+
+@dataclass
+class _Patch:
+    """One adapted module: its factors (CPU), scalars, and a cast copy for the last device used."""
+
+    module: nn.Module
+    kind: str
+    parts: dict[str, torch.Tensor]
+    alpha: float | None
+    fixed_scale: float | None
+    _cast: tuple[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] | None = field(default=None)
+
+    def factors(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        key = (like.device, like.dtype)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, {k: v.to(device=like.device, dtype=like.dtype) for k, v in self.parts.items()})
+        return self._cast[1]
+
+    def deltas(self, weight: torch.Tensor, multiplier: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(multiplier * dW shaped like weight, multiplier * bias diff or None)."""
+        p = self.factors(weight)
+        raw, rank = _raw_delta(self.kind, p)
+        scale = self.fixed_scale
+        if scale is None:
+            scale = self.alpha / rank if self.alpha is not None and rank else 1.0
+        delta = raw.reshape(weight.shape) * scale  # a fresh tensor: safe to modify in place below
+        if "dora_scale" in p:
+            delta = _decompose(delta, weight, p["dora_scale"])
+        bias = p.get("diff_b")
+        if bias is not None:
+            bias = bias.reshape(weight.shape[0]) * multiplier
+        return delta.mul_(multiplier), bias
+
+
+# ---------------------------------------------------------------- adapter
+
+
+class LoraAdapter:
+    """An adapter bound to one source model; apply it with `enabled()`."""
+
+    def __init__(self, patches: dict[str, _Patch], multiplier: float, report: KeyReport) -> None:
+        self._patches = patches
+        self.multiplier = multiplier
+        self.report = report
+        self.module_names: tuple[str, ...] = tuple(patches)
+        self._active = False
+
+    @classmethod
+    def from_state_dict(
+        cls, sd: dict[str, torch.Tensor], model: nn.Module, multiplier: float = 1.0
+    ) -> LoraAdapter:
+        index = _ModelIndex.of(model)
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in sd.items():
+            base, _, suffix = key.partition(".")
+            if base == "bundle_emb":  # embeddings bundled for the prompt, not weights
+                continue
+            suffix = _SUFFIX_ALIASES.get(suffix, suffix)
+            groups.setdefault(base, {})[suffix] = tensor
+        total = sum(len(g) for g in groups.values())
+        patches: dict[str, _Patch] = {}
+        matched = skipped = 0
+        unmatched: list[str] = []
+        for base, parts in groups.items():
+            if index.skips(base):
+                skipped += len(parts)
+                continue
+            name = index.resolve(base)
+            patch = _make_patch(base, parts, model.get_submodule(name)) if name else None
+            if patch is None:
+                unmatched += [base] * len(parts)
+                continue
+            patches[name] = patch
+            matched += len(parts)
+        report = KeyReport(matched, len(unmatched), skipped, tuple(dict.fromkeys(unmatched))[:_EXAMPLES])
+        if skipped:
+            log.warning("LoRA: %d text-encoder keys skipped (OpenCLIP encoders are not supported)", skipped)
+        if unmatched or not matched:
+            examples = f" (e.g. {', '.join(report.unmatched_examples)})" if unmatched else ""
+            skips = f", {skipped} text-encoder keys skipped" if skipped else ""
+            raise LoraError(
+                f"LoRA does not fit the source model ({index.family}): {matched} of {total} keys matched, "
+                f"{len(unmatched)} unmatched{examples}{skips}"
+            )
+        log.info("LoRA: %d modules patched from %d of %d keys", len(patches), matched, total)
+        return cls(patches, multiplier, report)
+
+    def merged_weight(self, module_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W', bias' or None) for the bound module, in its weight's dtype and device."""
+        patch = self._patches[module_name]
+        return _merge(patch, patch.module, self.multiplier)
+
+    @contextlib.contextmanager
+    def enabled(self) -> Iterator[None]:
+        """Patched modules run with merged weights inside; all hooks are gone on exit."""
+        if self._active:
+            raise RuntimeError("LoraAdapter.enabled() is already active")
+        saved: dict[nn.Module, dict[str, nn.Parameter | None]] = {}
+
+        def restore(module: nn.Module) -> None:
+            for param_name, original in saved.pop(module, {}).items():
+                module._parameters[param_name] = original
+
+        def swap_in(patch: _Patch, module: nn.Module, _args: object) -> None:
+            restore(module)  # a previous forward that raised left its swap behind
+            weight, bias = _merge(patch, module, self.multiplier)
+            saved[module] = {"weight": module._parameters["weight"]}
+            module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                saved[module]["bias"] = module._parameters.get("bias")
+                module._parameters["bias"] = nn.Parameter(bias, requires_grad=False)
+
+        def swap_out(module: nn.Module, _args: object, _output: object) -> None:
+            restore(module)
+
+        handles = []
+        self._active = True
+        try:
+            for patch in self._patches.values():
+                handles.append(patch.module.register_forward_pre_hook(functools.partial(swap_in, patch)))
+                # prepended, so that stacked adapters restore in reverse order (LIFO)
+                handles.append(patch.module.register_forward_hook(swap_out, prepend=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in list(saved):
+                restore(module)
+            self._active = False
+
+    def merge_into_(self, model: nn.Module) -> None:
+        """Adds the adapter to `model`'s weights in place (builds reference models for tests)."""
+        for name, patch in self._patches.items():
+            module = model.get_submodule(name)
+            weight, bias = _merge(patch, module, self.multiplier)
+            with torch.no_grad():
+                module.weight.copy_(weight)
+                if bias is not None and module.bias is None:
+                    module.bias = nn.Parameter(bias, requires_grad=False)
+                elif bias is not None:
+                    module.bias.copy_(bias)
+
+
+def _make_patch(base: str, parts: dict[str, torch.Tensor], module: nn.Module) -> _Patch | None:
+    """The module's patch, or None when the factor shapes do not fit its weight."""
+    unknown = sorted(set(parts) - _KNOWN_SUFFIXES)
+    kind = _kind(parts)
+    if unknown or kind is None:
+        raise LoraError(
+            f"LoRA module {base} uses an unsupported adapter type (keys: {', '.join(sorted(parts))}); "
+            "supported: LoRA/LoCon, LoHa, LoKr, DoRA and full diff"
+        )
+    scalars = {k: float(parts[k].item()) for k in ("alpha", "scale") if k in parts}
+    tensors = {k: v for k, v in parts.items() if k not in scalars}
+    try:
+        _check_shapes(kind, {k: tuple(v.shape) for k, v in tensors.items()}, tuple(module.weight.shape))
+    except ValueError as exc:
+        log.debug("LoRA %s does not fit %s: %s", base, type(module).__name__, exc)
+        return None
+    return _Patch(module, kind, tensors, scalars.get("alpha"), scalars.get("scale"))
+
+
+def _merge(patch: _Patch, module: nn.Module, multiplier: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W + m*dW (and bias + m*diff_b), computed in the weight's dtype on its device."""
+    with torch.no_grad():
+        weight = module.weight
+        delta, bias_delta = patch.deltas(weight, multiplier)
+        merged = delta.add_(weight)  # reuse dW's memory: peak stays near one layer
+        if bias_delta is None:
+            return merged, None
+        bias = module.bias
+        return merged, bias_delta if bias is None else bias + bias_delta
