@@ -142,7 +142,8 @@ def _instantiate(info: Any, state_dict: dict[str, torch.Tensor]) -> torch.nn.Mod
     model.alphas_cumprod = None
     model.to(devices.device, devices.dtype_unet)
     model.alphas_cumprod = alphas.to(devices.device, torch.float32)
-    sd_models.apply_alpha_schedule_override(model)
+    model.alphas_cumprod_original = model.alphas_cumprod
+    sd_models.apply_alpha_schedule_override(model)  # the host's downcast / zero-terminal-SNR options
     model.eval().requires_grad_(False)
     _hijack_text_encoders(model)
     return model
