@@ -1,0 +1,150 @@
+"""Optional tier: a real WebUI, driven through its HTTP API. Skipped unless WEBUI_DIR is set.
+
+Set-up: link this repo into `$WEBUI_DIR/extensions/` and have at least one checkpoint in its models
+folder. Variables: WEBUI_DIR (required), WEBUI_PYTHON (default: $WEBUI_DIR/venv/bin/python, else this
+Python), WEBUI_ARGS (extra launch flags; default: the CPU flags below), WEBUI_URL (use a server that is
+already running instead of starting one), DS_SOURCE (source checkpoint title; default: the first one).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+WEBUI_DIR = os.environ.get("WEBUI_DIR")
+pytestmark = pytest.mark.skipif(not WEBUI_DIR, reason="WEBUI_DIR is not set: real-WebUI tier skipped")
+ROOT = Path(__file__).resolve().parents[1]
+CPU_ARGS = ("--skip-prepare-environment --skip-torch-cuda-test --use-cpu all --no-half --precision full "
+            "--nowebui --api --server-name 127.0.0.1")
+
+
+def call(url: str, path: str, payload: dict | None = None, timeout: float = 900) -> tuple[int, dict]:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server():
+    if os.environ.get("WEBUI_URL"):
+        yield os.environ["WEBUI_URL"].rstrip("/")
+        return
+    webui = Path(WEBUI_DIR)
+    linked = [p for p in (webui / "extensions").glob("*") if (p / "scripts" / "delta_sampling.py").exists()]
+    if not any(p.resolve() == ROOT for p in linked):
+        pytest.skip(f"link {ROOT} into {webui / 'extensions'} first")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    python = os.environ.get("WEBUI_PYTHON") or str(webui / "venv" / "bin" / "python")
+    python = python if Path(python).exists() else sys.executable
+    args = os.environ.get("WEBUI_ARGS", CPU_ARGS).split() + ["--port", str(port)]
+    log = open(webui / "ds_test_server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([python, "launch.py", *args], cwd=webui, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"WebUI exited with {proc.returncode}; see {log.name}")
+            try:
+                if call(url, "/sdapi/v1/sd-models", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+
+
+def txt2img(url: str, ds_args: list | None = None, **kw) -> tuple[int, dict]:
+    payload = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 4, "width": 64, "height": 64,
+               "seed": 1234, "sampler_name": "Euler", "cfg_scale": 6, **kw}
+    if ds_args is not None:
+        payload["alwayson_scripts"] = {"delta sampling": {"args": ds_args}}
+    return call(url, "/sdapi/v1/txt2img", payload)
+
+
+def pixels(response: dict) -> bytes:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(response["images"][0]))).convert("RGB").tobytes()
+
+
+def source_title(url: str) -> str:
+    return os.environ.get("DS_SOURCE") or call(url, "/sdapi/v1/sd-models")[1][0]["title"]
+
+
+def prompt_args(url: str, lam: float, adapted: str = "a photo of a cat, oil painting") -> list:
+    return [True, source_title(url), "prompt", "", 1.0, lam, "constant", 0.0, 1.0, "", adapted, "", 0]
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_lambda_zero_matches_ds_off_and_lambda_changes_the_image(server, sampler):
+    status, off = txt2img(server, sampler_name=sampler)
+    assert status == 200, off
+    status, zero = txt2img(server, prompt_args(server, 0.0), sampler_name=sampler)
+    assert status == 200, zero
+    assert pixels(zero) == pixels(off)
+    status, on = txt2img(server, prompt_args(server, 3.0), sampler_name=sampler)
+    assert status == 200, on
+    assert pixels(on) != pixels(off)
+    info = json.loads(on["info"])["infotexts"][0]
+    assert "Delta Sampling: " in info and "DS lambda: 3" in info
+
+
+def test_infotext_restores_settings_through_the_api(server):
+    status, on = txt2img(server, prompt_args(server, 2.5))
+    info = json.loads(on["info"])["infotexts"][0]
+    status, again = txt2img(server, None, infotext=info)
+    assert status == 200, again
+    assert "DS lambda: 2.5" in json.loads(again["info"])["infotexts"][0]
+    assert pixels(again) == pixels(on)
+
+
+@pytest.mark.parametrize(
+    ("args_change", "message"),
+    [({5: float("nan")}, "lambda"), ({1: "no_such_model"}, "not found"), ({2: "lora", 3: "no_such_lora"}, "not found")],
+)
+def test_bad_input_is_an_api_error_and_the_next_request_works(server, args_change, message):
+    args = prompt_args(server, 1.0)
+    for index, value in args_change.items():
+        args[index] = value
+    status, body = txt2img(server, args)
+    assert status == 500 and body.get("error") == "DeltaError" and message in body.get("errors", ""), body
+    assert txt2img(server, prompt_args(server, 1.0))[0] == 200
+
+
+def test_malformed_infotext_is_an_api_error(server):
+    status, body = txt2img(server, None, infotext='a cat\nSteps: 4, Sampler: Euler, Delta Sampling: "{bad"')
+    assert status == 500 and "Malformed" in json.dumps(body)
+
+
+def test_lora_adapter_runs_when_a_lora_is_installed(server):
+    loras = call(server, "/sdapi/v1/loras")[1]
+    if not loras:
+        pytest.skip("no LoRA in the WebUI's Lora folder")
+    args = [True, source_title(server), "lora", loras[0]["name"], 1.0, 2.0, "cosine", 0.0, 1.0, "", "", "", 0]
+    status, body = txt2img(server, args)
+    assert status in (200, 500), body
+    if status == 500:  # a LoRA for another architecture must be refused with counts
+        assert "keys matched" in body.get("errors", ""), body
+    else:
+        assert f"DS adapter: {loras[0]['name']}" in json.loads(body["info"])["infotexts"][0]
