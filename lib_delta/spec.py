@@ -135,7 +135,7 @@ class DeltaSettings:
                 compact[f.short] = value
         entries = {INFOTEXT_KEY: json.dumps(compact, ensure_ascii=False, separators=(",", ":"))}
         for f in FIELDS:
-            if f.readable:
+            if f.readable and getattr(self, f.attr) != "":  # A1111 cannot parse an empty value
                 entries[f.label] = format_value(getattr(self, f.attr))
         return entries
 

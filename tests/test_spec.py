@@ -38,6 +38,11 @@ def test_compact_value_omits_defaults_and_is_versioned():
     assert entries[INFOTEXT_KEY] == '{"v":1,"src":"s","adp":"a"}'
 
 
+def test_empty_readable_parts_are_left_out():
+    entries = DeltaSettings(enabled=True, source="s", adapter_kind="prompt", adapted_prompt="x").to_infotext()
+    assert "DS adapter" not in entries and entries["DS source"] == "s"
+
+
 def test_no_ds_key_means_off_and_off_writes_nothing():
     assert DeltaSettings.from_infotext({"Steps": "20"}) == DeltaSettings()
     assert DeltaSettings().to_infotext() == {}
