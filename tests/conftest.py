@@ -62,12 +62,13 @@ def webui(tmp_path, monkeypatch):
             return a1111_models.SourceModel(info.title, model, a1111_models._denoiser(model),
                                             a1111_models.target_format(model))
 
+        real_load_source = a1111_models.load_source
         monkeypatch.setattr(a1111_models, "load_source", load_tiny_source)
         a1111.CACHE.clear()
         yield SimpleNamespace(
             script=module.DeltaSamplingScript(), module=module, a1111=a1111, models=a1111_models, shared=shared,
             processing=processing, callbacks=script_callbacks, scripts=scripts, sd_models=sd_models,
-            networks=networks, checkpoints=checkpoints, loads=loads, tmp=tmp_path,
+            networks=networks, checkpoints=checkpoints, loads=loads, tmp=tmp_path, real_load_source=real_load_source,
         )
     finally:
         sys.path.remove(str(FAKE_WEBUI))

@@ -105,6 +105,28 @@ def test_lora_for_another_architecture_is_refused_with_counts(webui):
     run_fails(webui, lora_ds(), r"3 of 6 keys matched, 3 unmatched")
 
 
+def test_non_safetensors_lora_goes_through_the_host_loader(webui):
+    path = write_lora(webui)
+    pt_path = webui.tmp / "style_pt.pt"
+    torch.save(safetensors.torch.load_file(path), pt_path)
+    webui.networks.register("style", str(pt_path), shorthash="000000000003")
+    on, _, _ = generate(webui, lora_ds())
+    assert webui.sd_models.safe_loads == [str(pt_path)]
+    pt_path.write_bytes(b"not a pickle")
+    webui.a1111.CACHE.clear()
+    run_fails(webui, lora_ds(), "cannot read style_pt.pt")
+
+
+def test_out_of_memory_while_loading_the_source(webui, monkeypatch):
+    def no_memory(info, state_dict):
+        raise MemoryError
+
+    monkeypatch.setattr(webui.models, "_instantiate", no_memory)
+    monkeypatch.setattr(webui.models, "load_source", webui.real_load_source)
+    with pytest.raises(DeltaError, match="out of memory while loading the source"):
+        generate(webui, ds(source="sd15_b"))
+
+
 @pytest.mark.parametrize("lam", [math.nan, 11.0])
 def test_bad_lambda_is_refused(webui, lam):
     run_fails(webui, ds(strength=lam), "lambda")

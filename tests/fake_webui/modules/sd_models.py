@@ -2,6 +2,10 @@
 
 import os
 
+import torch
+
+safe_loads: list[str] = []
+
 checkpoints_list: dict = {}
 checkpoint_aliases: dict = {}
 
@@ -46,3 +50,10 @@ def get_closet_checkpoint_match(search_string):
     bare = search_string.rsplit(" [", 1)[0]
     found = sorted([i for i in checkpoints_list.values() if bare in i.title], key=lambda x: len(x.title))
     return found[0] if found else None
+
+
+def read_state_dict(checkpoint_file, print_global_state=False, map_location=None):
+    """A1111 reads non-safetensors files with its restricted unpickler; weights_only is the equivalent."""
+    safe_loads.append(checkpoint_file)
+    sd = torch.load(checkpoint_file, map_location=map_location or "cpu", weights_only=True)
+    return sd.get("state_dict", sd)
