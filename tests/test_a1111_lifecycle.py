@@ -197,3 +197,23 @@ def test_callbacks_are_registered_once_and_inert_when_off(webui):
         generate(webui)
     assert registered(webui) == counts
     assert webui.shared.sd_model.training is False and PROMPT
+
+
+@pytest.mark.parametrize(("refiner_sdxl", "fails"), [(False, False), (True, True)])
+def test_refiner_switch_is_followed_or_refused(webui, refiner_sdxl, fails):
+    """A1111's refiner swaps shared.sd_model mid-sampling; DS follows it only within one latent format."""
+    refiner = TinyLDM(seed=2).eval().requires_grad_(False)
+    refiner.is_sdxl = refiner_sdxl
+    calls = []
+
+    def switch_after_two_steps(params):
+        calls.append(1)
+        if len(calls) == 2:
+            webui.shared.sd_model = refiner
+
+    webui.callbacks.on_cfg_after_cfg(switch_after_two_steps)
+    if fails:
+        run_fails(webui, ds(), "refiner switched to a SDXL model")
+    else:
+        out, _, _ = generate(webui, ds(), steps=4)
+        assert torch.isfinite(out).all() and len(calls) == 4
