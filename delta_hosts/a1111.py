@@ -44,7 +44,7 @@ def settings_for(p: Any, args: tuple) -> DeltaSettings:
     return DeltaSettings.from_args(args).with_overrides(p)
 
 
-def prepare(p: Any, settings: DeltaSettings) -> None:
+def prepare(p: Any, settings: DeltaSettings, supported: bool = True) -> None:
     """Script.process: validate, load (cached) models, write infotext. Errors stop the generation."""
     for key in INFOTEXT_KEYS:
         p.extra_generation_params.pop(key, None)
@@ -54,6 +54,10 @@ def prepare(p: Any, settings: DeltaSettings) -> None:
     state = Prepared(settings)
     setattr(p, STATE_ATTR, state)
     try:
+        if not supported:
+            from .ui import UNSUPPORTED_HOST
+
+            raise DeltaError(UNSUPPORTED_HOST)
         settings.validate()
         CACHE.capacity = max(int(shared.opts.data.get("delta_sampling_cache_size", 2)), 1)
         info = models.find_checkpoint(settings.source)

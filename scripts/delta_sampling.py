@@ -6,7 +6,7 @@ from typing import Any
 
 from modules import script_callbacks, scripts
 
-from delta_hosts import a1111, ui, xyz
+from delta_hosts import A1111, HOST, a1111, ui, xyz
 
 
 class DeltaSamplingScript(scripts.Script):
@@ -19,10 +19,10 @@ class DeltaSamplingScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img: bool) -> list[Any]:
-        return ui.build(self, is_img2img)
+        return ui.build(self, is_img2img, supported=HOST == A1111)
 
     def process(self, p: Any, *args: Any) -> None:
-        a1111.prepare(p, a1111.settings_for(p, args))
+        a1111.prepare(p, a1111.settings_for(p, args), supported=HOST == A1111)
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         a1111.begin_pass(p)

@@ -137,3 +137,39 @@ def test_settings_section_and_log_level(webui):
     opts.data_labels["delta_sampling_log_level"].onchange()
     assert logger.level == 30
     logger.setLevel("INFO")
+
+
+def test_host_detection(webui, tmp_path, monkeypatch):
+    import delta_hosts
+
+    assert delta_hosts.detect_host() == delta_hosts.A1111
+    (tmp_path / "backend" / "sampling").mkdir(parents=True)
+    for init in ("backend/__init__.py", "backend/sampling/__init__.py", "backend/sampling/sampling_function.py"):
+        (tmp_path / init).write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert delta_hosts.detect_host() == delta_hosts.FORGE
+
+
+def test_unsupported_host_gets_a_message_in_the_panel_and_no_wrong_image(webui, monkeypatch):
+    import gradio
+
+    monkeypatch.setattr(webui.module, "HOST", "forge")
+    assert any(isinstance(b, gradio.Markdown) for b in _created_blocks(webui, gradio))
+    with pytest.raises(DeltaError, match="not supported yet"):
+        generate(webui, ds())
+
+
+def _created_blocks(webui, gradio):
+    created = []
+    original = gradio.Block.__init__
+
+    def record(self, *args, **kwargs):
+        created.append(self)
+        original(self, *args, **kwargs)
+
+    gradio.Block.__init__ = record
+    try:
+        webui.script.ui(False)
+    finally:
+        gradio.Block.__init__ = original
+    return created

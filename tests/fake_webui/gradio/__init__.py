@@ -67,3 +67,7 @@ class Row(Block):
 
 class Accordion(Block):
     pass
+
+
+class Markdown(Block):
+    pass
