@@ -68,6 +68,7 @@ def prepare(p: Any, settings: DeltaSettings, supported: bool = True) -> None:
             state.adapted = CACHE.get(key, lambda: models.load_source(ainfo))
             if state.adapted.latent_format != state.source.latent_format:
                 raise DeltaError("Delta Sampling: the adapter checkpoint is not the same architecture as the source.")
+            settings = settings.replace(adapter=ainfo.title)
         elif settings.adapter_kind == "lora":
             filename, title = find_lora(settings.adapter)
             state.lora = state.source.lora(filename, settings.adapter_weight)

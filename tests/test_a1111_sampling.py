@@ -100,3 +100,17 @@ def test_hires_fix_applies_delta_in_both_passes(webui, monkeypatch):
     runs.clear()
     generate(webui, ds(start=0.0, end=0.5), enable_hr=True, steps=4)
     assert [r.history[-1] for r in runs] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_checkpoint_adapter_at_lambda_one_reproduces_the_fine_tune(webui, sampler):
+    """Source == target (sd15_a), adapter = sd15_b: D_a + (D_b' - D_a) is the fine-tune's own image."""
+    from tinyldm import TinyLDM
+
+    on, _, processed = generate(webui, ds(adapter_kind="checkpoint", adapter="sd15_b", adapted_prompt=""),
+                                sampler_name=sampler)
+    assert webui.loads == ["sd15_a [0000000001]", "sd15_b [0000000002]"]
+    webui.shared.sd_model = TinyLDM(seed=2).eval().requires_grad_(False)
+    native, _, _ = generate(webui, sampler_name=sampler)
+    torch.testing.assert_close(on, native, rtol=1e-4, atol=1e-4)
+    assert "sd15_b [0000000002]" in processed.infotexts[0]["Delta Sampling"]
