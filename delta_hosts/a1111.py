@@ -59,7 +59,8 @@ def prepare(p: Any, settings: DeltaSettings, supported: bool = True) -> None:
 
             raise DeltaError(UNSUPPORTED_HOST)
         settings.validate()
-        CACHE.capacity = max(int(shared.opts.data.get("delta_sampling_cache_size", 2)), 1)
+        needed = 2 if settings.adapter_kind == "checkpoint" else 1  # never evict this generation's models
+        CACHE.capacity = max(int(shared.opts.data.get("delta_sampling_cache_size", 2)), needed)
         info = models.find_checkpoint(settings.source)
         state.source = CACHE.get(("ckpt", info.filename, info.shorthash or info.hash), lambda: models.load_source(info))
         if settings.adapter_kind == "checkpoint":

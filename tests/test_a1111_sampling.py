@@ -107,6 +107,7 @@ def test_checkpoint_adapter_at_lambda_one_reproduces_the_fine_tune(webui, sample
     """Source == target (sd15_a), adapter = sd15_b: D_a + (D_b' - D_a) is the fine-tune's own image."""
     from tinyldm import TinyLDM
 
+    webui.shared.opts.data["delta_sampling_cache_size"] = 1  # both models must still stay for the generation
     on, _, processed = generate(webui, ds(adapter_kind="checkpoint", adapter="sd15_b", adapted_prompt=""),
                                 sampler_name=sampler)
     assert webui.loads == ["sd15_a [0000000001]", "sd15_b [0000000002]"]
