@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
 
 from lib_delta import DeltaError, logger
-from lib_delta.spec import FIELD_BY_ATTR, FIELDS, INFOTEXT_KEY, DeltaSettings
+from lib_delta.spec import FIELD_BY_ATTR, FIELDS, INFOTEXT_KEY, DeltaSettings, malformed_source
 
 from . import choices
 
@@ -35,6 +36,7 @@ def build(script: Any, is_img2img: bool, supported: bool = True) -> list[Any]:
         return gr.Slider(minimum=f.minimum, maximum=f.maximum, step=f.step, **kw(attr))
 
     c: dict[str, Any] = {}
+    kind_state = {"kind": FIELD_BY_ATTR["adapter_kind"].default}  # what the adapter refresh button lists
     with InputAccordion(False, label="Delta Sampling", elem_id=eid("enabled")) as c["enabled"]:
         if not supported:
             gr.Markdown(UNSUPPORTED_HOST)
@@ -46,7 +48,7 @@ def build(script: Any, is_img2img: bool, supported: bool = True) -> list[Any]:
             c["adapter_kind"] = gr.Dropdown(choices=list(FIELD_BY_ATTR["adapter_kind"].choices), **kw("adapter_kind"))
             c["adapter"] = gr.Dropdown(choices=choices.adapters("lora"), allow_custom_value=True, **kw("adapter"))
             create_refresh_button(c["adapter"], choices.refresh_adapters,
-                                  lambda: {"choices": choices.adapters(None)}, eid("adapter_refresh"))
+                                  lambda: {"choices": choices.adapters(kind_state["kind"])}, eid("adapter_refresh"))
             c["adapter_weight"] = slider("adapter_weight")
         c["strength"] = slider("strength")
         with gr.Row():
@@ -57,14 +59,23 @@ def build(script: Any, is_img2img: bool, supported: bool = True) -> list[Any]:
             c[attr] = gr.Textbox(lines=1, placeholder=FIELD_BY_ATTR[attr].tooltip, **kw(attr))
         with gr.Accordion("Advanced", open=False):
             c["source_cfg"] = slider("source_cfg")
-    c["adapter_kind"].change(fn=lambda kind: gr.update(choices=choices.adapters(kind)),
-                             inputs=[c["adapter_kind"]], outputs=[c["adapter"]], show_progress=False)
+    c["adapter_kind"].change(fn=functools.partial(on_kind_change, kind_state), inputs=[c["adapter_kind"], c["adapter"]],
+                             outputs=[c["adapter"], c["adapter_weight"]], show_progress=False)
 
     from modules.infotext_utils import PasteField
 
     script.infotext_fields = [PasteField(c[f.attr], paste_value(f.attr), api=None) for f in FIELDS]
     script.paste_field_names = [INFOTEXT_KEY, *(f.label for f in FIELDS if f.readable)]
     return [c[f.attr] for f in FIELDS]
+
+
+def on_kind_change(kind_state: dict[str, str], kind: str, adapter: str) -> tuple[dict, dict]:
+    """List the new kind's adapters; drop a value that names an adapter of another kind."""
+    kind_state["kind"] = kind
+    names = choices.adapters(kind)
+    stale = adapter not in names and adapter in choices.adapters(None)
+    return (gr.update(choices=names, value="" if stale or kind == "prompt" else adapter, visible=kind != "prompt"),
+            gr.update(visible=kind == "lora"))
 
 
 def paste_value(attr: str) -> Callable[[dict[str, Any]], Any]:
@@ -74,10 +85,13 @@ def paste_value(attr: str) -> Callable[[dict[str, Any]], Any]:
         try:
             settings = DeltaSettings.from_infotext(params)
         except DeltaError as e:
-            if attr != "enabled":
-                return None
-            logger.error("%s", e)
-            raise gr.Error(str(e)) from e
+            # A1111's paste swallows exceptions, so keep DS on with a source that fails with this message:
+            # a clear error at generation (UI and API) instead of a silently different image.
+            if attr == "enabled":
+                logger.error("%s", e)
+                gr.Warning(str(e))
+                return True
+            return malformed_source(str(e)) if attr == "source" else None
         if attr == "source" and settings.enabled:
             return choices.resolve_checkpoint(settings.source)
         if attr == "adapter" and settings.enabled:

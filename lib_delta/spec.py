@@ -16,6 +16,7 @@ INFOTEXT_KEY = "Delta Sampling"  # the compact, versioned value
 ADAPTER_KINDS = ("lora", "checkpoint", "prompt")
 SCHEDULES = ("constant", "linear", "cosine", "exponential", "sigmoid")
 LAMBDA_RANGE = (-2.0, 10.0)
+MALFORMED = "[malformed DS infotext] "  # source value standing for a paste that could not be read
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class DeltaSettings:
             return self
         if not self.source:
             raise DeltaError("Delta Sampling: choose a source base checkpoint.")
+        if self.source.startswith(MALFORMED):
+            raise DeltaError(self.source[len(MALFORMED):])
         if self.adapter_kind not in ADAPTER_KINDS:
             raise DeltaError(f"Delta Sampling: unknown adapter kind {self.adapter_kind!r}; use one of {ADAPTER_KINDS}.")
         if self.adapter_kind != "prompt" and not self.adapter:
@@ -160,6 +163,11 @@ class DeltaSettings:
             raise DeltaError(f"Unknown keys in '{INFOTEXT_KEY}' infotext: {', '.join(unknown)}")
         values = {by_short[k].attr: coerce(by_short[k], v) for k, v in compact.items()}
         return cls(enabled=True, **values).validate()
+
+
+def malformed_source(message: str) -> str:
+    """The source value a UI/API paste sets for an unreadable DS infotext; validate() raises with it."""
+    return MALFORMED + message
 
 
 def coerce(field: Field, value: Any) -> Any:

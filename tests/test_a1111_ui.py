@@ -36,10 +36,8 @@ def test_ui_returns_components_in_spec_order_without_side_effects(webui):
     assert type(comps[0]).__name__ == "InputAccordion" and len(again) == len(FIELDS)
     assert comps[1].kwargs["choices"] == ["sd15_a [0000000001]", "sd15_b [0000000002]"]
     assert ({k: len(v) for k, v in webui.callbacks.callback_map.items() if v}, webui.loads) == before
-    kind = comps[2]
-    (event, kw), = kind.events
-    write_lora(webui)
-    assert kw["fn"]("lora")["choices"] == ["style"] and kw["fn"]("checkpoint")["choices"][0].startswith("sd15_a")
+    (event, kw), = comps[2].events
+    assert event == "change" and kw["inputs"] == [comps[2], comps[3]] and kw["outputs"] == [comps[3], comps[4]]
 
 
 def test_infotext_round_trip_through_a1111_format(webui):
@@ -68,18 +66,33 @@ def test_infotext_without_ds_turns_the_panel_off(webui):
     assert pasted["enabled"] is False
 
 
-def test_malformed_infotext_is_a_clear_error(webui):
+def test_malformed_infotext_is_a_clear_error_at_paste_and_at_generation(webui):
     import gradio
 
     comps = webui.script.ui(False)
     line = infotext_line(webui, {"Delta Sampling": '{"v":1,"lam":"lots"}'})
-    with pytest.raises(gradio.Error, match="bad value"):
-        paste(webui, comps, line)
-    fields = {id(f.component): f for f in webui.script.infotext_fields}
-    from modules import infotext_utils
+    pasted = paste(webui, comps, line)
+    assert gradio.warnings[-1].startswith("Delta Sampling: bad value 'lots' for DS lambda")
+    assert pasted["enabled"] is True and pasted["strength"] is None  # A1111 keeps None fields unchanged
+    settings = DeltaSettings().replace(enabled=True, source=pasted["source"])
+    with pytest.raises(DeltaError, match="bad value 'lots' for DS lambda"):
+        generate(webui, settings)
 
-    params = infotext_utils.parse_generation_parameters(line)
-    assert fields[id(comps[5])].function(params) is None  # other fields stay as they are
+
+def test_adapter_kind_switch_lists_that_kind_and_drops_a_stale_value(webui):
+    from delta_hosts import ui
+
+    write_lora(webui)
+    state = {"kind": "lora"}
+    adapter, weight = ui.on_kind_change(state, "checkpoint", "style")
+    assert adapter["choices"][0].startswith("sd15_a") and adapter["value"] == "" and weight["visible"] is False
+    assert state["kind"] == "checkpoint"
+    adapter, _ = ui.on_kind_change(state, "checkpoint", "not_installed_here [abc]")
+    assert adapter["value"] == "not_installed_here [abc]"  # a pasted name is kept for its clear error
+    adapter, weight = ui.on_kind_change(state, "prompt", "style")
+    assert adapter["visible"] is False and adapter["value"] == "" and weight["visible"] is False
+    adapter, weight = ui.on_kind_change(state, "lora", "")
+    assert adapter["choices"] == ["style"] and weight["visible"] is True
 
 
 def fake_xyz(webui) -> types.ModuleType:
