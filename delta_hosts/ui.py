@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ UNSUPPORTED_HOST = ("Delta Sampling supports AUTOMATIC1111 1.10+ only for now; t
 def build(script: Any, is_img2img: bool, supported: bool = True) -> list[Any]:
     """Components in FIELDS order (= API args order); sets the script's infotext paste fields."""
     from modules.ui_common import create_refresh_button
-    from modules.ui_components import InputAccordion
+    from modules.ui_components import InputAccordion, ToolButton
 
     tab = "img2img" if is_img2img else "txt2img"
 
@@ -36,7 +35,6 @@ def build(script: Any, is_img2img: bool, supported: bool = True) -> list[Any]:
         return gr.Slider(minimum=f.minimum, maximum=f.maximum, step=f.step, **kw(attr))
 
     c: dict[str, Any] = {}
-    kind_state = {"kind": FIELD_BY_ATTR["adapter_kind"].default}  # what the adapter refresh button lists
     with InputAccordion(False, label="Delta Sampling", elem_id=eid("enabled")) as c["enabled"]:
         if not supported:
             gr.Markdown(UNSUPPORTED_HOST)
@@ -47,8 +45,7 @@ def build(script: Any, is_img2img: bool, supported: bool = True) -> list[Any]:
         with gr.Row():
             c["adapter_kind"] = gr.Dropdown(choices=list(FIELD_BY_ATTR["adapter_kind"].choices), **kw("adapter_kind"))
             c["adapter"] = gr.Dropdown(choices=choices.adapters("lora"), allow_custom_value=True, **kw("adapter"))
-            create_refresh_button(c["adapter"], choices.refresh_adapters,
-                                  lambda: {"choices": choices.adapters(kind_state["kind"])}, eid("adapter_refresh"))
+            refresh = ToolButton(value="\U0001f504", elem_id=eid("adapter_refresh"), tooltip="DS adapter: refresh")
             c["adapter_weight"] = slider("adapter_weight")
         c["strength"] = slider("strength")
         with gr.Row():
@@ -59,8 +56,9 @@ def build(script: Any, is_img2img: bool, supported: bool = True) -> list[Any]:
             c[attr] = gr.Textbox(lines=1, placeholder=FIELD_BY_ATTR[attr].tooltip, **kw(attr))
         with gr.Accordion("Advanced", open=False):
             c["source_cfg"] = slider("source_cfg")
-    c["adapter_kind"].change(fn=functools.partial(on_kind_change, kind_state), inputs=[c["adapter_kind"], c["adapter"]],
-                             outputs=[c["adapter"], c["adapter_weight"]], show_progress=False)
+    refresh.click(fn=refresh_adapters, inputs=[c["adapter_kind"]], outputs=[c["adapter"]], show_progress=False)
+    c["adapter_kind"].change(fn=on_kind_change, inputs=[c["adapter_kind"], c["adapter"]],
+                             outputs=[c["adapter"], c["adapter_weight"], refresh], show_progress=False)
 
     from modules.infotext_utils import PasteField
 
@@ -69,13 +67,18 @@ def build(script: Any, is_img2img: bool, supported: bool = True) -> list[Any]:
     return [c[f.attr] for f in FIELDS]
 
 
-def on_kind_change(kind_state: dict[str, str], kind: str, adapter: str) -> tuple[dict, dict]:
-    """List the new kind's adapters; drop a value that names an adapter of another kind."""
-    kind_state["kind"] = kind
+def on_kind_change(kind: str, adapter: str) -> tuple[dict, dict, dict]:
+    """List the new kind's adapters; drop a value that names an adapter of another kind; hide unused fields."""
     names = choices.adapters(kind)
     stale = adapter not in names and adapter in choices.adapters(None)
     return (gr.update(choices=names, value="" if stale or kind == "prompt" else adapter, visible=kind != "prompt"),
-            gr.update(visible=kind == "lora"))
+            gr.update(visible=kind == "lora"), gr.update(visible=kind != "prompt"))
+
+
+def refresh_adapters(kind: str) -> dict:
+    """The adapter refresh button: rescan the host's files, list the kind this page shows."""
+    choices.refresh_adapters()
+    return gr.update(choices=choices.adapters(kind))
 
 
 def paste_value(attr: str) -> Callable[[dict[str, Any]], Any]:

@@ -37,7 +37,10 @@ def test_ui_returns_components_in_spec_order_without_side_effects(webui):
     assert comps[1].kwargs["choices"] == ["sd15_a [0000000001]", "sd15_b [0000000002]"]
     assert ({k: len(v) for k, v in webui.callbacks.callback_map.items() if v}, webui.loads) == before
     (event, kw), = comps[2].events
-    assert event == "change" and kw["inputs"] == [comps[2], comps[3]] and kw["outputs"] == [comps[3], comps[4]]
+    assert event == "change" and kw["inputs"] == [comps[2], comps[3]] and kw["outputs"][:2] == [comps[3], comps[4]]
+    refresh = kw["outputs"][2]
+    (event, kw), = refresh.events
+    assert kw["inputs"] == [comps[2]] and kw["outputs"] == [comps[3]]  # lists the kind shown on this page
 
 
 def test_infotext_round_trip_through_a1111_format(webui):
@@ -83,16 +86,17 @@ def test_adapter_kind_switch_lists_that_kind_and_drops_a_stale_value(webui):
     from delta_hosts import ui
 
     write_lora(webui)
-    state = {"kind": "lora"}
-    adapter, weight = ui.on_kind_change(state, "checkpoint", "style")
+    adapter, weight, refresh = ui.on_kind_change("checkpoint", "style")
     assert adapter["choices"][0].startswith("sd15_a") and adapter["value"] == "" and weight["visible"] is False
-    assert state["kind"] == "checkpoint"
-    adapter, _ = ui.on_kind_change(state, "checkpoint", "not_installed_here [abc]")
+    adapter, _, _ = ui.on_kind_change("checkpoint", "not_installed_here [abc]")
     assert adapter["value"] == "not_installed_here [abc]"  # a pasted name is kept for its clear error
-    adapter, weight = ui.on_kind_change(state, "prompt", "style")
+    adapter, weight, refresh = ui.on_kind_change("prompt", "style")
     assert adapter["visible"] is False and adapter["value"] == "" and weight["visible"] is False
-    adapter, weight = ui.on_kind_change(state, "lora", "")
-    assert adapter["choices"] == ["style"] and weight["visible"] is True
+    assert refresh["visible"] is False
+    adapter, weight, refresh = ui.on_kind_change("lora", "")
+    assert adapter["choices"] == ["style"] and weight["visible"] is True and refresh["visible"] is True
+    assert ui.refresh_adapters("lora")["choices"] == ["style"]
+    assert ui.refresh_adapters("checkpoint")["choices"][0].startswith("sd15_a")
 
 
 def fake_xyz(webui) -> types.ModuleType:

@@ -7,3 +7,7 @@ class InputAccordion(gr.Checkbox):
     def __init__(self, value, **kwargs):
         super().__init__(value, **kwargs)
         self.accordion_id = kwargs.get("elem_id")
+
+
+class ToolButton(gr.Button):
+    """A1111: a small emoji button (FormComponent + gr.Button)."""
