@@ -37,10 +37,3 @@ def progress_from_calls(calls: int, total_calls: int) -> float:
         return 0.0
     return min(max(calls / (total_calls - 1), 0.0), 1.0)
 
-
-def progress_from_sigma(sigma: float, sigma_max: float, sigma_min: float) -> float:
-    """Progress from the noise level on a log scale: 0 at sigma_max, 1 at sigma_min."""
-    if sigma_max <= sigma_min:
-        return 0.0
-    sigma = min(max(sigma, sigma_min), sigma_max)
-    return (math.log(sigma_max) - math.log(sigma)) / (math.log(sigma_max) - math.log(sigma_min))

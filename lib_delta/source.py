@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,9 +106,3 @@ class ModelCache:
 
     def clear(self) -> None:
         self.trim(0)
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self.entries
-
-    def __iter__(self) -> Iterator[Hashable]:
-        return iter(self.entries)

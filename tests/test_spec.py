@@ -114,5 +114,3 @@ def test_progress_helpers():
     assert schedules.progress_from_calls(0, 20) == 0.0
     assert schedules.progress_from_calls(19, 20) == 1.0
     assert schedules.progress_from_calls(25, 20) == 1.0
-    assert schedules.progress_from_sigma(14.6, 14.6, 0.03) == 0.0
-    assert schedules.progress_from_sigma(0.03, 14.6, 0.03) == pytest.approx(1.0)
