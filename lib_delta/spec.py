@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -128,15 +128,15 @@ class DeltaSettings:
 
     # -- infotext ---------------------------------------------------------------------------------
     def to_infotext(self) -> dict[str, str]:
-        """The infotext entries: one compact versioned key plus readable parts. Empty when off."""
+        """One compact versioned value ("v1; lam=2.5; ...", defaults left out) plus readable parts."""
         if not self.enabled:
             return {}
-        compact = {"v": SPEC_VERSION}
+        parts = [f"v{SPEC_VERSION}"]
         for f in FIELDS[1:]:
             value = getattr(self, f.attr)
             if value != f.default:
-                compact[f.short] = value
-        entries = {INFOTEXT_KEY: json.dumps(compact, ensure_ascii=False, separators=(",", ":"))}
+                parts.append(f"{f.short}={_escape(repr(value) if f.kind is float else str(value))}")
+        entries = {INFOTEXT_KEY: "; ".join(parts)}
         for f in FIELDS:
             if f.readable and getattr(self, f.attr) != "":  # A1111 cannot parse an empty value
                 entries[f.label] = format_value(getattr(self, f.attr))
@@ -148,21 +148,35 @@ class DeltaSettings:
         raw = params.get(INFOTEXT_KEY)
         if raw is None:
             return cls()
-        try:
-            compact = json.loads(raw) if isinstance(raw, str) else raw
-        except json.JSONDecodeError as e:
-            raise DeltaError(f"Malformed '{INFOTEXT_KEY}' infotext value: {e.msg} in {str(raw)[:80]!r}") from e
-        if not isinstance(compact, dict):
-            raise DeltaError(f"Malformed '{INFOTEXT_KEY}' infotext value: expected an object, got {str(raw)[:80]!r}")
-        version = compact.pop("v", None)
-        if version != SPEC_VERSION:
-            raise DeltaError(f"Unsupported '{INFOTEXT_KEY}' version {version!r}; this extension reads v{SPEC_VERSION}.")
+        version, *parts = str(raw).split(";")
+        if not re.fullmatch(r"v\d+", version.strip()):
+            raise DeltaError(f"Malformed '{INFOTEXT_KEY}' infotext value {str(raw)[:80]!r}: it must start with a version.")
+        if version.strip() != f"v{SPEC_VERSION}":
+            raise DeltaError(f"Unsupported '{INFOTEXT_KEY}' version {version.strip()}; this extension reads v{SPEC_VERSION}.")
         by_short = {f.short: f for f in FIELDS}
-        unknown = sorted(set(compact) - set(by_short))
-        if unknown:
-            raise DeltaError(f"Unknown keys in '{INFOTEXT_KEY}' infotext: {', '.join(unknown)}")
-        values = {by_short[k].attr: coerce(by_short[k], v) for k, v in compact.items()}
+        values: dict[str, Any] = {}
+        for part in parts:
+            key, sep, value = part.strip().partition("=")
+            if not sep or key not in by_short or by_short[key].attr in values:
+                problem = "unknown or repeated key" if sep else "expected key=value"
+                raise DeltaError(f"Malformed '{INFOTEXT_KEY}' infotext value: {problem} in {part.strip()[:60]!r}")
+            values[by_short[key].attr] = coerce(by_short[key], _unescape(value))
         return cls(enabled=True, **values).validate()
+
+
+ESCAPES = (("%", "%25"), (";", "%3B"), ("=", "%3D"), ("\n", "%0A"))
+
+
+def _escape(text: str) -> str:
+    for raw, escaped in ESCAPES:
+        text = text.replace(raw, escaped)
+    return text
+
+
+def _unescape(text: str) -> str:
+    for raw, escaped in reversed(ESCAPES):
+        text = text.replace(escaped, raw)
+    return text
 
 
 def malformed_source(message: str) -> str:

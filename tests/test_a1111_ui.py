@@ -73,7 +73,7 @@ def test_malformed_infotext_is_a_clear_error_at_paste_and_at_generation(webui):
     import gradio
 
     comps = webui.script.ui(False)
-    line = infotext_line(webui, {"Delta Sampling": '{"v":1,"lam":"lots"}'})
+    line = infotext_line(webui, {"Delta Sampling": "v1; src=sd15_a; kind=prompt; ap=x; lam=lots"})
     pasted = paste(webui, comps, line)
     assert gradio.warnings[-1].startswith("Delta Sampling: bad value 'lots' for DS lambda")
     assert pasted["enabled"] is True and pasted["strength"] is None  # A1111 keeps None fields unchanged

@@ -34,8 +34,13 @@ def test_infotext_round_trip_and_readable_parts():
 
 
 def test_compact_value_omits_defaults_and_is_versioned():
-    entries = DeltaSettings(enabled=True, source="s", adapter="a").to_infotext()
-    assert entries[INFOTEXT_KEY] == '{"v":1,"src":"s","adp":"a"}'
+    entries = DeltaSettings(enabled=True, source="s [1a]", adapter="a", strength=0.1 + 0.2).to_infotext()
+    assert entries[INFOTEXT_KEY] == "v1; src=s [1a]; adp=a; lam=0.30000000000000004"  # floats round-trip exactly
+
+
+def test_prompts_with_separators_round_trip():
+    settings = FULL.replace(adapted_prompt="a=b; c%d\nnext line, (x:1.2)", base_prompt=";;==")
+    assert DeltaSettings.from_infotext(settings.to_infotext()) == settings
 
 
 def test_empty_readable_parts_are_left_out():
@@ -51,13 +56,15 @@ def test_no_ds_key_means_off_and_off_writes_nothing():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ("{not json", "Malformed"),
-        ("[1, 2]", "expected an object"),
-        ('{"v":9,"src":"s"}', "Unsupported"),
-        ('{"v":1,"src":"s","adp":"a","zzz":1}', "Unknown keys"),
-        ('{"v":1,"src":"s","adp":"a","lam":"abc"}', "bad value"),
-        ('{"v":1,"src":"s","adp":"a","sch":"zigzag"}', "must be one of"),
-        ('{"v":1,"src":"s","adp":"a","lam":1e9}', "outside"),
+        ("{not json", "must start with a version"),
+        ("", "must start with a version"),
+        ("v9; src=s", "Unsupported 'Delta Sampling' version v9"),
+        ("v1; src=s; adp=a; zzz=1", "unknown or repeated key in 'zzz=1'"),
+        ("v1; src=s; adp=a; lam=1; lam=2", "unknown or repeated key in 'lam=2'"),
+        ("v1; src=s; adp", "expected key=value in 'adp'"),
+        ("v1; src=s; adp=a; lam=abc", "bad value 'abc' for DS lambda"),
+        ("v1; src=s; adp=a; sch=zigzag", "must be one of"),
+        ("v1; src=s; adp=a; lam=1e9", "outside"),
     ],
 )
 def test_malformed_infotext_is_a_clear_error(raw, message):
