@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 
 from lib_delta import DeltaError, logger
-from lib_delta.spec import FIELD_BY_ATTR, FIELDS, INFOTEXT_KEY, DeltaSettings, malformed_source
+from lib_delta.spec import FIELD_BY_ATTR, FIELDS, DeltaSettings, malformed_source
 
 from . import choices
 
@@ -62,8 +62,9 @@ def build(script: Any, is_img2img: bool, supported: bool = True) -> list[Any]:
 
     from modules.infotext_utils import PasteField
 
-    script.infotext_fields = [PasteField(c[f.attr], paste_value(f.attr), api=None) for f in FIELDS]
-    script.paste_field_names = [INFOTEXT_KEY, *(f.label for f in FIELDS if f.readable)]
+    keys = [PasteKey(f.attr) for f in FIELDS]
+    script.infotext_fields = [PasteField(c[f.attr], key, api=None) for f, key in zip(FIELDS, keys, strict=True)]
+    script.paste_field_names = list(keys)  # "Send to img2img/inpaint" copies these components by name
     return [c[f.attr] for f in FIELDS]
 
 
@@ -79,6 +80,19 @@ def refresh_adapters(kind: str) -> dict:
     """The adapter refresh button: rescan the host's files, list the kind this page shows."""
     choices.refresh_adapters()
     return gr.update(choices=choices.adapters(kind))
+
+
+class PasteKey(str):
+    """A field's paste target. Callable: A1111 calls it with the pasted infotext params. A str ("DS/<attr>"):
+    the "Send to img2img" buttons match fields by name, so the panel's values travel between tabs."""
+
+    def __new__(cls, attr: str) -> PasteKey:
+        key = super().__new__(cls, f"DS/{attr}")
+        key.parse = paste_value(attr)
+        return key
+
+    def __call__(self, params: dict[str, Any]) -> Any:
+        return self.parse(params)
 
 
 def paste_value(attr: str) -> Callable[[dict[str, Any]], Any]:

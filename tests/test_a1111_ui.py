@@ -43,6 +43,18 @@ def test_ui_returns_components_in_spec_order_without_side_effects(webui):
     assert kw["inputs"] == [comps[2]] and kw["outputs"] == [comps[3]]  # lists the kind shown on this page
 
 
+def test_send_to_img2img_copies_the_panel_by_field_name(webui):
+    """A1111's Send-to buttons copy the components whose paste target name is in paste_field_names."""
+    txt2img = webui.script.ui(False)
+    txt_fields = list(webui.script.infotext_fields)
+    img2img = webui.script.ui(True)
+    names = webui.script.paste_field_names
+    sources = [field for field, name in txt_fields if name in names]
+    targets = [field for field, name in webui.script.infotext_fields if name in names]
+    assert sources == txt2img and targets == img2img
+    assert all(callable(name) for _, name in txt_fields)
+
+
 def test_infotext_round_trip_through_a1111_format(webui):
     write_lora(webui)
     settings = ds(adapter_kind="lora", adapter="style", strength=2.5, schedule="cosine", start=0.1,
