@@ -62,11 +62,10 @@ def prepare(p: Any, settings: DeltaSettings, supported: bool = True) -> None:
         needed = 2 if settings.adapter_kind == "checkpoint" else 1  # never evict this generation's models
         CACHE.capacity = max(int(shared.opts.data.get("delta_sampling_cache_size", 2)), needed)
         info = models.find_checkpoint(settings.source)
-        state.source = CACHE.get(("ckpt", info.filename, info.shorthash or info.hash), lambda: models.load_source(info))
+        state.source = models.cached_source(CACHE, info)
         if settings.adapter_kind == "checkpoint":
             ainfo = models.find_checkpoint(settings.adapter)
-            key = ("ckpt", ainfo.filename, ainfo.shorthash or ainfo.hash)
-            state.adapted = CACHE.get(key, lambda: models.load_source(ainfo))
+            state.adapted = models.cached_source(CACHE, ainfo)
             if state.adapted.latent_format != state.source.latent_format:
                 raise DeltaError("Delta Sampling: the adapter checkpoint is not the same architecture as the source.")
             settings = settings.replace(adapter=ainfo.title)
@@ -195,8 +194,7 @@ def _guard_sampler(p: Any, state: Prepared) -> None:
 def find_lora(name: str) -> tuple[str, str]:
     """(file, 'name [hash]') of a LoRA by name, alias or 'name [hash]'; the hash wins when names differ."""
     networks = _networks()
-    bare = name.rsplit(" [", 1)[0] if name.endswith("]") else name
-    wanted_hash = name.rsplit("[", 1)[1][:-1] if name.endswith("]") and "[" in name else None
+    bare, wanted_hash = models.split_title(name)
     entry = networks.available_networks.get(bare) or networks.available_network_aliases.get(bare)
     if wanted_hash and (entry is None or entry.shorthash != wanted_hash):
         entry = getattr(networks, "available_network_hash_lookup", {}).get(wanted_hash, entry)

@@ -29,13 +29,22 @@ def target_format(model: Any) -> latent.LatentFormat:
     return latent.SD1
 
 
+def split_title(title: str) -> tuple[str, str | None]:
+    """'name [hash]' -> (name, hash); a title without a bracketed hash -> (title, None)."""
+    if title.endswith("]") and " [" in title:
+        name, _, short_hash = title[:-1].rpartition(" [")
+        return name, short_hash
+    return title, None
+
+
 def find_checkpoint(title: str) -> Any:
     """CheckpointInfo for a title like 'name [hash]'; the hash wins when the name differs."""
     if not title:
         raise DeltaError("Delta Sampling: no source checkpoint selected.")
     info = sd_models.get_closet_checkpoint_match(title)
-    if info is None and title.endswith("]") and "[" in title:
-        info = sd_models.checkpoint_aliases.get(title.rsplit("[", 1)[1][:-1])
+    short_hash = split_title(title)[1]
+    if info is None and short_hash:
+        info = sd_models.checkpoint_aliases.get(short_hash)
     if info is None:
         raise DeltaError(f"Delta Sampling: checkpoint '{title}' was not found. Check the name or refresh the list.")
     if not os.path.isfile(info.filename):
@@ -89,6 +98,11 @@ class SourceModel:
             logger.info("LoRA %s on %s: %d keys matched", os.path.basename(filename), self.title, adapter.report.matched)
             self.adapters[key] = adapter
         return self.adapters[key]
+
+
+def cached_source(cache: Any, info: Any) -> SourceModel:
+    """The source model for a CheckpointInfo from `cache`, keyed by file and hash; loaded on a miss."""
+    return cache.get(("ckpt", info.filename, info.shorthash or info.hash), lambda: load_source(info))
 
 
 def load_source(info: Any) -> SourceModel:

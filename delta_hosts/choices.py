@@ -59,10 +59,10 @@ def resolve_adapter(kind: str, name: str) -> str:
     if kind == "checkpoint":
         return resolve_checkpoint(name)
     if kind == "lora":
-        from . import a1111
+        from . import a1111, a1111_models
 
         try:
-            return a1111.find_lora(name)[1].rsplit(" [", 1)[0]
+            return a1111_models.split_title(a1111.find_lora(name)[1])[0]
         except (DeltaError, ImportError):
             return name
     return name
