@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from test_a1111_lifecycle import write_lora
+from test_a1111_lifecycle import registered, write_lora
 from test_a1111_sampling import ds, generate
 
 from lib_delta import DeltaError
@@ -28,14 +28,14 @@ def infotext_line(webui, params: dict) -> str:
 
 
 def test_ui_returns_components_in_spec_order_without_side_effects(webui):
-    before = ({k: len(v) for k, v in webui.callbacks.callback_map.items() if v}, list(webui.loads))
+    before = (registered(webui), list(webui.loads))
     comps = webui.script.ui(False)
     again = webui.script.ui(True)
     assert [c.kwargs.get("label") for c in comps] == [f.label for f in FIELDS]
     assert [c.value for c in comps] == DeltaSettings().to_args()
     assert type(comps[0]).__name__ == "InputAccordion" and len(again) == len(FIELDS)
     assert comps[1].kwargs["choices"] == ["sd15_a [0000000001]", "sd15_b [0000000002]"]
-    assert ({k: len(v) for k, v in webui.callbacks.callback_map.items() if v}, webui.loads) == before
+    assert (registered(webui), webui.loads) == before
     (event, kw), = comps[2].events
     assert event == "change" and kw["inputs"] == [comps[2], comps[3]] and kw["outputs"][:2] == [comps[3], comps[4]]
     refresh = kw["outputs"][2]
