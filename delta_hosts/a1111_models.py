@@ -15,7 +15,9 @@ import torch
 from modules import devices, prompt_parser, sd_models, shared
 
 from lib_delta import DeltaError, latent, logger
-from lib_delta.lora import LoraAdapter, read_safetensors
+from lib_delta.lora import LoraAdapter
+
+from .files import find_checkpoint, read_weights, split_title  # noqa: F401 - re-exported
 
 
 def target_format(model: Any) -> latent.LatentFormat:
@@ -27,41 +29,6 @@ def target_format(model: Any) -> latent.LatentFormat:
     if getattr(model, "is_sd2", False):
         return latent.SD2
     return latent.SD1
-
-
-def split_title(title: str) -> tuple[str, str | None]:
-    """'name [hash]' -> (name, hash); a title without a bracketed hash -> (title, None)."""
-    if title.endswith("]") and " [" in title:
-        name, _, short_hash = title[:-1].rpartition(" [")
-        return name, short_hash
-    return title, None
-
-
-def find_checkpoint(title: str) -> Any:
-    """CheckpointInfo for a title like 'name [hash]'; the hash wins when the name differs."""
-    if not title:
-        raise DeltaError("Delta Sampling: no source checkpoint selected.")
-    info = sd_models.get_closet_checkpoint_match(title)
-    short_hash = split_title(title)[1]
-    if info is None and short_hash:
-        info = sd_models.checkpoint_aliases.get(short_hash)
-    if info is None:
-        raise DeltaError(f"Delta Sampling: checkpoint '{title}' was not found. Check the name or refresh the list.")
-    if not os.path.isfile(info.filename):
-        raise DeltaError(f"Delta Sampling: checkpoint file is missing: {info.filename}")
-    return info
-
-
-def read_weights(filename: str) -> dict[str, torch.Tensor]:
-    """safetensors are parsed directly; anything else goes through A1111's safe unpickler."""
-    if not os.path.isfile(filename):
-        raise DeltaError(f"Delta Sampling: file is missing: {filename}")
-    if filename.lower().endswith(".safetensors"):
-        return read_safetensors(filename)
-    try:
-        return sd_models.read_state_dict(filename, map_location="cpu")
-    except Exception as e:
-        raise DeltaError(f"Delta Sampling: cannot read {os.path.basename(filename)}: {e}") from e
 
 
 @dataclass
@@ -98,6 +65,9 @@ class SourceModel:
             logger.info("LoRA %s on %s: %d keys matched", os.path.basename(filename), self.title, adapter.report.matched)
             self.adapters[key] = adapter
         return self.adapters[key]
+
+    def release(self) -> None:
+        release(self)
 
 
 def cached_source(cache: Any, info: Any) -> SourceModel:

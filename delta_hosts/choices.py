@@ -47,10 +47,10 @@ def adapters(kind: str | None) -> list[str]:
 
 def resolve_checkpoint(title: str) -> str:
     """The local title for a pasted 'name [hash]'; unknown names are kept as typed."""
-    from . import a1111_models
+    from . import files
 
     try:
-        return a1111_models.find_checkpoint(title).title
+        return files.find_checkpoint(title).title
     except DeltaError:
         return title
 
@@ -59,10 +59,10 @@ def resolve_adapter(kind: str, name: str) -> str:
     if kind == "checkpoint":
         return resolve_checkpoint(name)
     if kind == "lora":
-        from . import a1111, a1111_models
+        from . import files
 
         try:
-            return a1111_models.split_title(a1111.find_lora(name)[1])[0]
-        except (DeltaError, ImportError):
+            return files.split_title(files.find_lora(name)[1])[0]
+        except DeltaError:
             return name
     return name

@@ -12,11 +12,8 @@ from lib_delta.spec import FIELD_BY_ATTR, FIELDS, DeltaSettings, malformed_sourc
 
 from . import choices
 
-UNSUPPORTED_HOST = ("Delta Sampling supports AUTOMATIC1111 1.10+ only for now; this WebUI (Forge or an "
-                    "ldm_patched fork) is not supported yet.")
 
-
-def build(script: Any, is_img2img: bool, supported: bool = True) -> list[Any]:
+def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list[Any]:
     """Components in FIELDS order (= API args order); sets the script's infotext paste fields."""
     from modules.ui_common import create_refresh_button
     from modules.ui_components import InputAccordion, ToolButton
@@ -36,8 +33,8 @@ def build(script: Any, is_img2img: bool, supported: bool = True) -> list[Any]:
 
     c: dict[str, Any] = {}
     with InputAccordion(False, label="Delta Sampling", elem_id=eid("enabled")) as c["enabled"]:
-        if not supported:
-            gr.Markdown(UNSUPPORTED_HOST)
+        if unsupported:
+            gr.Markdown(unsupported)
         with gr.Row():
             c["source"] = gr.Dropdown(choices=choices.checkpoints(), allow_custom_value=True, **kw("source"))
             create_refresh_button(c["source"], choices.refresh_checkpoints,

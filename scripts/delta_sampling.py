@@ -1,4 +1,4 @@
-"""Delta Sampling for AUTOMATIC1111 WebUI: the script. The core is lib_delta/, host glue delta_hosts/."""
+"""Delta Sampling for AUTOMATIC1111 and Forge: the script. The core is lib_delta/, host glue delta_hosts/."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from typing import Any
 
 from modules import script_callbacks, scripts
 
-from delta_hosts import A1111, HOST, a1111, ui, xyz
+from delta_hosts import HOST, generation, load_adapter, ui, xyz
+
+ADAPTER, UNSUPPORTED = load_adapter(HOST)
 
 
 class DeltaSamplingScript(scripts.Script):
@@ -19,21 +21,31 @@ class DeltaSamplingScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img: bool) -> list[Any]:
-        return ui.build(self, is_img2img, supported=HOST == A1111)
+        return ui.build(self, is_img2img, unsupported=UNSUPPORTED)
 
     def process(self, p: Any, *args: Any) -> None:
-        a1111.prepare(p, a1111.settings_for(p, args), supported=HOST == A1111)
+        settings = generation.settings_for(p, args)
+        if ADAPTER is None:
+            generation.prepare(p, settings, None, UNSUPPORTED)
+        else:
+            ADAPTER.start(p, settings)
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
-        a1111.begin_pass(p)
+        if ADAPTER is None:
+            generation.refuse_pass(p)
+        else:
+            ADAPTER.begin_pass(p)
 
     def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
-        a1111.finish(p)
+        if ADAPTER is not None:
+            ADAPTER.finish(p)
 
 
-script_callbacks.on_cfg_denoiser(a1111.on_cfg_denoiser)
-script_callbacks.on_cfg_after_cfg(a1111.on_cfg_after_cfg)
+if ADAPTER is not None:
+    for name in ("on_cfg_denoiser", "on_cfg_after_cfg"):
+        if hasattr(ADAPTER, name):
+            getattr(script_callbacks, name)(getattr(ADAPTER, name))
 script_callbacks.on_ui_settings(ui.on_ui_settings)
 script_callbacks.on_before_ui(xyz.register)
-script_callbacks.on_script_unloaded(a1111.CACHE.clear)
+script_callbacks.on_script_unloaded(generation.CACHE.clear)
 xyz.register()  # --nowebui builds the API's X/Y/Z script before on_before_ui fires

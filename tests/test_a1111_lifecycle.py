@@ -46,14 +46,15 @@ def source_modules(webui):
 def test_source_equals_target_lora_at_lambda_one_equals_native_lora(webui, sampler):
     path = write_lora(webui)
     on, _, processed = generate(webui, lora_ds(strength=1.0), sampler_name=sampler)
+    # the LoRA lives on the cached source only while the adapted branch runs
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in source_modules(webui))
     merged = copy.deepcopy(webui.shared.sd_model)
     LoraAdapter.from_state_dict(safetensors.torch.load_file(path), merged, 1.0).merge_into_(merged)
     webui.shared.sd_model = merged
     native, _, _ = generate(webui, sampler_name=sampler)
     torch.testing.assert_close(on, native, rtol=1e-4, atol=1e-4)
     assert processed.infotexts[0]["DS adapter"] == "style [000000000003]"
-    # the LoRA lives on the cached source only while the adapted branch runs
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in source_modules(webui))
+    assert not webui.a1111.CACHE.entries  # turning DS off released the source
 
 
 def test_second_generation_loads_nothing(webui):
@@ -68,7 +69,7 @@ def test_second_generation_loads_nothing(webui):
 def run_fails(webui, settings, match, **kw):
     with pytest.raises(DeltaError, match=match):
         generate(webui, settings, **kw)
-    assert webui.module.a1111.ACTIVE == []
+    assert webui.a1111.ACTIVE == []
     import re
 
     import gradio

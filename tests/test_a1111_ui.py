@@ -180,11 +180,15 @@ def test_host_detection(webui, tmp_path, monkeypatch):
 
 
 def test_unsupported_host_gets_a_message_in_the_panel_and_no_wrong_image(webui, monkeypatch):
+    import delta_hosts
     import gradio
 
-    monkeypatch.setattr(webui.module, "HOST", "forge")
+    adapter, reason = delta_hosts.load_adapter(delta_hosts.FORGE)  # these fakes have no Forge `backend`
+    assert adapter is None and "does not support this WebUI (forge)" in reason
+    monkeypatch.setattr(webui.module, "ADAPTER", None)
+    monkeypatch.setattr(webui.module, "UNSUPPORTED", reason)
     assert any(isinstance(b, gradio.Markdown) for b in _created_blocks(webui, gradio))
-    with pytest.raises(DeltaError, match="not supported yet"):
+    with pytest.raises(DeltaError, match="does not support this WebUI"):
         generate(webui, ds())
 
 

@@ -1,0 +1,192 @@
+"""The generation lifecycle every host shares: validate and load in Script.process, build each pass's
+source pair, surface errors through the sampler, and drop per-generation state afterwards.
+
+A host adapter passes its `models` module: find sources (`cached_source`) and name its model's latent
+format (`target_format`). Source models offer `encode`, `model_fn`, `lora` and `release`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from modules import prompt_parser, shared
+
+from lib_delta import DeltaError, logger
+from lib_delta.delta import DeltaRun
+from lib_delta.source import Branch, CfgSourcePair, ModelCache
+from lib_delta.spec import FIELDS, INFOTEXT_KEY, DeltaSettings
+
+from . import files
+
+CACHE = ModelCache(capacity=1, release=lambda source: source.release())
+STATE_ATTR = "_delta_sampling"  # on p: the prepared pair and the current pass's run
+INFOTEXT_KEYS = (INFOTEXT_KEY, *(f.label for f in FIELDS if f.readable))
+
+
+class DeltaAbort(BaseException):  # noqa: N818 - escapes the hosts' `except Exception` around callbacks
+    """Stops the sampler loop; the guarded sampler turns it back into the DeltaError it carries."""
+
+
+@dataclass
+class Prepared:
+    settings: DeltaSettings
+    source: Any = None
+    adapted: Any = None  # checkpoint adapter
+    lora: Any = None
+    run: DeltaRun | None = None
+    target: Any = None  # the active model object when the pass began
+    error: DeltaError | None = None
+    host: dict[str, Any] = field(default_factory=dict)  # what one host adapter keeps per generation
+
+
+def settings_for(p: Any, args: tuple) -> DeltaSettings:
+    return DeltaSettings.from_args(args).with_overrides(p)
+
+
+def prepare(p: Any, settings: DeltaSettings, models: ModuleType | None, unsupported: str | None = None) -> None:
+    """Script.process: validate, load (cached) models, write infotext. Errors stop the generation."""
+    for key in INFOTEXT_KEYS:
+        p.extra_generation_params.pop(key, None)
+    setattr(p, STATE_ATTR, None)
+    if not settings.enabled:
+        if CACHE.entries:
+            logger.info("Delta Sampling is off: releasing the source models")
+            CACHE.clear()
+        return
+    state = Prepared(settings)
+    setattr(p, STATE_ATTR, state)
+    try:
+        if unsupported or models is None:
+            raise DeltaError(unsupported or "Delta Sampling does not support this WebUI.")
+        settings.validate()
+        needed = 2 if settings.adapter_kind == "checkpoint" else 1  # never evict this generation's models
+        CACHE.capacity = max(int(shared.opts.data.get("delta_sampling_cache_size", 1)), needed)
+        info = files.find_checkpoint(settings.source)
+        state.source = models.cached_source(CACHE, info)
+        if settings.adapter_kind == "checkpoint":
+            ainfo = files.find_checkpoint(settings.adapter)
+            state.adapted = models.cached_source(CACHE, ainfo)
+            if state.adapted.latent_format != state.source.latent_format:
+                raise DeltaError("Delta Sampling: the adapter checkpoint is not the same architecture as the source.")
+            settings = settings.replace(adapter=ainfo.title)
+        elif settings.adapter_kind == "lora":
+            filename, title = files.find_lora(settings.adapter)
+            state.lora = state.source.lora(filename, settings.adapter_weight)
+            settings = settings.replace(adapter=title)
+        settings = settings.replace(source=info.title)
+        p.extra_generation_params.update(settings.to_infotext())
+    except Exception as e:
+        fail(state, as_delta_error(e))
+
+
+def as_delta_error(e: BaseException) -> DeltaError:
+    if isinstance(e, DeltaError):
+        return e
+    if isinstance(e, MemoryError) or "OutOfMemoryError" in type(e).__name__:
+        return DeltaError(f"Delta Sampling ran out of memory running the source pair: {e}")
+    return DeltaError(f"Delta Sampling failed: {type(e).__name__}: {e}")
+
+
+def fail(state: Prepared, error: DeltaError) -> None:
+    state.error = error
+    logger.error("%s", error)
+    with contextlib.suppress(Exception):
+        import gradio as gr
+
+        gr.Warning(str(error))
+
+
+def abort(state: Prepared, error: DeltaError) -> None:
+    """Fail mid-sampling: raise past the host's `except Exception` so no image is made."""
+    fail(state, error)
+    state.run = None
+    raise DeltaAbort(str(error))
+
+
+def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
+    """This pass's source pair: prompts (hires-aware), encoded with the source's own text encoder."""
+    s, src = state.settings, state.source
+    hr = bool(getattr(p, "is_hr_pass", False))
+    prompts = list(p.hr_prompts if hr else p.prompts)
+    negatives = list(p.hr_negative_prompts if hr else p.negative_prompts)
+    base_prompts = [s.base_prompt] * len(prompts) if s.base_prompt else prompts
+    adapted_prompts = [s.adapted_prompt] * len(prompts) if s.adapted_prompt else base_prompts
+    negatives = [s.negative_prompt] * len(prompts) if s.negative_prompt else negatives
+    steps, hires_steps = _steps(p, hr)
+    width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr else (p.width, p.height)
+
+    def branch(model: Any, texts: list[str], context: Callable = contextlib.nullcontext) -> Branch:
+        with context():
+            c, uc = model.encode(texts, negatives, steps, hires_steps, width, height)
+        return Branch(model.model_fn, _conds_at(c, uc), context)
+
+    base = branch(src, base_prompts)
+    if s.adapter_kind == "checkpoint":
+        adapted = branch(state.adapted, adapted_prompts)
+    elif s.adapter_kind == "lora":
+        adapted = branch(src, adapted_prompts, state.lora.enabled)
+    else:
+        adapted = branch(src, adapted_prompts)
+    return CfgSourcePair(src.latent_format, base, adapted, s.source_cfg or float(p.cfg_scale))
+
+
+def _conds_at(c: Any, uc: Any) -> Callable[[int], tuple]:
+    def at(step: int) -> tuple:
+        conds_list, cond = prompt_parser.reconstruct_multicond_batch(c, step)
+        return conds_list, cond, prompt_parser.reconstruct_cond_batch(uc, step)
+
+    return at
+
+
+def _steps(p: Any, hr: bool) -> tuple[int, int | None]:
+    from modules import sd_samplers
+
+    firstpass = getattr(p, "firstpass_steps", None) or p.steps
+    if not hr:
+        return firstpass, None
+    steps = p.hr_second_pass_steps or p.steps
+    config = sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
+    return firstpass, config.total_steps(steps) if config else steps
+
+
+def guard_sampler(p: Any, state: Prepared, on_exit: Callable[[], None]) -> None:
+    """Wrap this sampler instance's entry points: DS errors become a normal exception, no image.
+
+    `on_exit` runs after every sampler call, however it ends, to undo what the pass installed.
+    """
+    sampler = p.sampler
+    for name in ("sample", "sample_img2img"):
+        original = getattr(type(sampler), name, None)
+        if original is None:
+            continue
+
+        def guarded(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
+            if state.error is not None:
+                raise state.error
+            try:
+                return _original(sampler, *args, **kwargs)
+            except DeltaAbort as stop:
+                raise state.error or DeltaError(str(stop)) from None
+            finally:
+                on_exit()
+                state.run = None  # the pass is over: drop its conds and captured tensors
+
+        setattr(sampler, name, guarded)
+
+
+def refuse_pass(p: Any) -> None:
+    """On a host without an adapter: a generation with DS on fails at the sampler, as any DS error does."""
+    state: Prepared | None = getattr(p, STATE_ATTR, None)
+    if state is not None:
+        guard_sampler(p, state, lambda: None)
+
+
+def free_sources() -> str:
+    """The panel's "Free source models" button."""
+    count = len(CACHE.entries)
+    CACHE.clear()
+    return f"Released {count} source model(s)." if count else "No source models were loaded."
