@@ -82,7 +82,7 @@ def on_cfg_denoiser(params: Any) -> None:
         x, sigma = params.x[-batch:], params.sigma[-batch:]
         progress = schedules.progress_from_calls(denoiser.step, denoiser.total_steps or 1)
         state.run.nmask = denoiser.nmask if denoiser.mask is not None else None
-        state.run.capture(StepInput(x, sigma, denoiser.step, progress, _skips_uncond(denoiser, sigma)))
+        state.run.capture(StepInput(x, sigma, denoiser.step, progress, skips_uncond(denoiser, sigma)))
         ACTIVE.append(state)
     except Exception as e:
         abort(state, as_delta_error(e))
@@ -108,11 +108,3 @@ def _check_target(state: Prepared) -> None:
                          f"{state.run.target_format.name} target; turn the refiner off or use one latent format.")
     state.target = shared.sd_model
 
-
-def _skips_uncond(denoiser: Any, sigma: torch.Tensor) -> bool:
-    """Mirror the CFG denoiser's NGMS / skip-early-CFG decision (it is made after this callback)."""
-    opts = shared.opts
-    if opts.skip_early_cond != 0 and denoiser.step / denoiser.total_steps <= opts.skip_early_cond:
-        return True
-    s_min = getattr(denoiser.p, "s_min_uncond", 0) or 0
-    return bool((denoiser.step % 2 or opts.s_min_uncond_all) and s_min > 0 and sigma[0] < s_min)

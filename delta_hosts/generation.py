@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+import torch
 from modules import prompt_parser, shared
 
 from lib_delta import DeltaError, logger
@@ -131,7 +132,8 @@ def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
         adapted = branch(src, adapted_prompts, state.lora.enabled)
     else:
         adapted = branch(src, adapted_prompts)
-    return CfgSourcePair(src.latent_format, base, adapted, s.source_cfg or float(p.cfg_scale))
+    cfg = getattr(p, "hr_cfg", None) if hr else None  # Forge's hires CFG
+    return CfgSourcePair(src.latent_format, base, adapted, s.source_cfg or float(cfg or p.cfg_scale))
 
 
 def _conds_at(c: Any, uc: Any) -> Callable[[int], tuple]:
@@ -176,6 +178,15 @@ def guard_sampler(p: Any, state: Prepared, on_exit: Callable[[], None]) -> None:
                 state.run = None  # the pass is over: drop its conds and captured tensors
 
         setattr(sampler, name, guarded)
+
+
+def skips_uncond(denoiser: Any, sigma: torch.Tensor) -> bool:
+    """Mirror the CFG denoiser's NGMS / skip-early-CFG decision (it is made after on_cfg_denoiser)."""
+    opts = shared.opts
+    if opts.skip_early_cond != 0 and denoiser.step / denoiser.total_steps <= opts.skip_early_cond:
+        return True
+    s_min = getattr(denoiser.p, "s_min_uncond", 0) or 0
+    return bool((denoiser.step % 2 or opts.s_min_uncond_all) and s_min > 0 and sigma[0] < s_min)
 
 
 def refuse_pass(p: Any) -> None:

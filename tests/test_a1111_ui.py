@@ -180,8 +180,9 @@ def test_host_detection(webui, tmp_path, monkeypatch):
 
 
 def test_unsupported_host_gets_a_message_in_the_panel_and_no_wrong_image(webui, monkeypatch):
-    import delta_hosts
     import gradio
+
+    import delta_hosts
 
     adapter, reason = delta_hosts.load_adapter(delta_hosts.FORGE)  # these fakes have no Forge `backend`
     assert adapter is None and "does not support this WebUI (forge)" in reason

@@ -1,0 +1,137 @@
+"""Forge host adapter (new Forge and the ldm_patched forks): DS as a post-CFG function.
+
+Forge never fires on_cfg_denoised, so each pass (process_before_every_sampling, which runs twice for
+hires) clones the target UNet patcher, replaces any DS function on it by a fresh one, and registers the
+source patchers as extra models so Forge's memory manager loads them with the target. on_cfg_denoiser
+only records the model-call count. The clone is swapped back out when the sampler returns.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from modules import shared
+
+from lib_delta import DeltaError, schedules
+from lib_delta.delta import DeltaRun, StepInput
+from lib_delta.spec import DeltaSettings
+
+from . import FORGE, HOST
+from .generation import (
+    STATE_ATTR,
+    Prepared,
+    abort,
+    as_delta_error,
+    build_pair,
+    fail,
+    guard_sampler,
+    prepare,
+    skips_uncond,
+)
+
+models = importlib.import_module(f"{__package__}.{'forge_models' if HOST == FORGE else 'ldm_patched_models'}")
+DS_TAG = "delta_sampling"  # marks our post-CFG function on a patcher
+
+
+@dataclass
+class StepCount:
+    step: int
+    progress: float
+    skip_uncond: bool
+
+
+def start(p: Any, settings: DeltaSettings) -> None:
+    """Script.process."""
+    prepare(p, settings, models)
+
+
+def begin_pass(p: Any) -> None:
+    """Script.process_before_every_sampling: patch a clone of this pass's target UNet. Idempotent."""
+    state: Prepared | None = getattr(p, STATE_ATTR, None)
+    if state is None:
+        return
+    guard_sampler(p, state, lambda: unpatch(state))
+    unpatch(state)
+    state.run = None
+    if state.error is not None:
+        return
+    try:
+        target = p.sd_model
+        state.target = target
+        state.run = DeltaRun(state.settings, build_pair(p, state), models.target_format(target))
+        objects = target.forge_objects
+        original = objects.unet
+        patched = original.clone()
+        _strip(patched)
+        patched.set_model_sampler_post_cfg_function(_post_cfg(state))
+        for patcher in _source_patchers(state):
+            setattr(patcher, DS_TAG, True)
+            patched.add_extra_model_patcher_during_sampling(patcher)
+        objects.unet = patched
+        models.PATCHED_UNETS.add(patched)
+        state.host["patch"] = (objects, original, patched)
+    except Exception as e:
+        fail(state, as_delta_error(e))
+
+
+def _source_patchers(state: Prepared) -> list[Any]:
+    sources = [state.source] + ([state.adapted] if state.adapted is not None else [])
+    return [patcher for source in sources for patcher in source.patchers()]
+
+
+def _strip(unet: Any) -> None:
+    """Remove DS functions and source patchers a previous call left on this patcher (never stack two)."""
+    options = unet.model_options
+    fns = [f for f in options.get("sampler_post_cfg_function", []) if not getattr(f, DS_TAG, False)]
+    options["sampler_post_cfg_function"] = fns
+    unet.extra_model_patchers_during_sampling[:] = [
+        m for m in unet.extra_model_patchers_during_sampling if not getattr(m, DS_TAG, False)]
+
+
+def unpatch(state: Prepared) -> None:
+    """Put the pass's original UNet patcher back if ours is still installed."""
+    objects, original, patched = state.host.pop("patch", (None, None, None))
+    if objects is not None and objects.unet is patched:
+        objects.unet = original
+    if patched is not None:
+        _strip(patched)
+
+
+def finish(p: Any) -> None:
+    """Script.postprocess."""
+    state: Prepared | None = getattr(p, STATE_ATTR, None)
+    if state is not None:
+        unpatch(state)
+    setattr(p, STATE_ATTR, None)
+
+
+def _post_cfg(state: Prepared) -> Any:
+    def delta_sampling_post_cfg(args: dict[str, Any]) -> torch.Tensor:
+        denoised = args["denoised"]
+        run, count = state.run, state.host.get("step")
+        if run is None or count is None:
+            return denoised
+        try:
+            run.capture(StepInput(args["input"], args["sigma"], count.step, count.progress, count.skip_uncond))
+            return run.apply(denoised)
+        except Exception as e:
+            abort(state, as_delta_error(e))
+
+    setattr(delta_sampling_post_cfg, DS_TAG, True)
+    return delta_sampling_post_cfg
+
+
+def on_cfg_denoiser(params: Any) -> None:
+    """Forge fires this unbatched, just before the sampling function: record the call index."""
+    denoiser = params.denoiser
+    state: Prepared | None = getattr(getattr(denoiser, "p", None), STATE_ATTR, None)
+    if state is None or state.run is None:
+        return
+    if shared.sd_model is not state.target:
+        abort(state, DeltaError("Delta Sampling: the refiner switched models mid-sampling; on Forge the DS "
+                                "patch does not follow it. Turn the refiner off while DS is on."))
+    progress = schedules.progress_from_calls(denoiser.step, denoiser.total_steps or 1)
+    state.host["step"] = StepCount(denoiser.step, progress, skips_uncond(denoiser, params.sigma))

@@ -1,0 +1,223 @@
+"""New Forge (`backend/`): independent source engines from `forge_loader`, prompts through each engine's
+own `get_learned_conditioning`, LoRAs through Forge's own loader in online mode.
+
+LoRA choice ("online LoRA refreshed per forward"): the adapted branch is a clone of the source's UNet and
+CLIP patchers carrying `online_mode=True` patches. Forge merges online patches per layer inside each
+forward (backend.operations.get_weight_and_bias) and never writes them into the weights, so one module
+serves both branches; `refresh_loras()` before each branch attaches or detaches them. Half the memory
+of two engines; in fp32 it is exact (the same merge_lora_to_weight math as Forge's offline merge).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from modules import prompt_parser, shared
+
+from lib_delta import DeltaError, latent, logger
+
+from . import files
+
+PATCHED_UNETS: weakref.WeakSet = weakref.WeakSet()  # target UNet clones that carry DS, for release
+
+
+def target_format(engine: Any) -> latent.LatentFormat:
+    """Latent format of a Forge engine (the active one or a source)."""
+    name = type(engine).__name__
+    if name in ("Flux", "Chroma"):
+        return latent.FLUX
+    if getattr(engine, "is_sd3", False):
+        return latent.SD3
+    if getattr(engine, "is_sdxl", False):
+        return latent.SDXL
+    if getattr(engine, "is_sd2", False):
+        return latent.SD2
+    if getattr(engine, "is_sd1", False):
+        return latent.SD1
+    raise DeltaError(f"Delta Sampling does not know the latent format of a {name} model.")
+
+
+def read_weights(filename: str) -> dict[str, torch.Tensor]:
+    """safetensors directly; anything else with Forge's weights-only torch.load."""
+    if filename.lower().endswith(".safetensors"):
+        return files.read_weights(filename)
+    from backend.utils import load_torch_file
+
+    try:
+        return load_torch_file(filename, safe_load=True)
+    except Exception as e:
+        raise DeltaError(f"Delta Sampling: cannot read {os.path.basename(filename)} safely: {e}") from e
+
+
+@dataclass
+class ForgeLora:
+    """Clones of the source's UNet and CLIP patchers with online LoRA patches."""
+
+    source: SourceModel
+    unet: Any
+    clip: Any
+
+    @contextlib.contextmanager
+    def enabled(self) -> Iterator[None]:
+        engine = self.source.engine
+        base_clip = engine.forge_objects.clip
+        engine.forge_objects.clip = self.clip
+        try:
+            _attach(self.unet, self.source.unet)
+            _attach(self.clip.patcher, base_clip.patcher)
+            yield
+        finally:
+            engine.forge_objects.clip = base_clip
+            self.source.unet.refresh_loras()
+            base_clip.patcher.refresh_loras()
+
+
+def _attach(patcher: Any, base: Any) -> None:
+    from backend.utils import nested_move_to_device
+
+    device = next(base.model.parameters()).device
+    dtype = getattr(base.model, "computation_dtype", None)
+    nested_move_to_device(patcher.lora_patches, device=device, **({"dtype": dtype} if dtype else {}))
+    patcher.refresh_loras()
+
+
+@dataclass
+class SourceModel:
+    """A Forge engine used only for its UNet patcher and text encoder(s)."""
+
+    title: str
+    engine: Any
+    latent_format: latent.LatentFormat
+    loras: dict[tuple, ForgeLora] = field(default_factory=dict)
+
+    @property
+    def unet(self) -> Any:
+        return self.engine.forge_objects.unet
+
+    def patchers(self) -> list[Any]:
+        """What Forge's memory manager must load beside the target while sampling."""
+        return [self.unet]
+
+    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        from backend.sampling.condition import compile_conditions
+        from backend.sampling.sampling_function import calc_cond_uncond_batch
+
+        unet = self.unet
+        out, _ = calc_cond_uncond_batch(unet.model, compile_conditions(cond), None, x, sigma, unet.model_options)
+        return out.to(x.dtype)
+
+    def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
+               width: int, height: int) -> tuple[Any, Any]:
+        """(multicond, uncond) through the host's prompt parser, with this engine's own text encoder."""
+        engine, old = self.engine, shared.opts.use_old_scheduling
+        engine.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))
+        pos = prompt_parser.SdConditioning(prompts, width=width, height=height)
+        neg = prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True)
+        uc = prompt_parser.get_learned_conditioning(engine, neg, steps, hires_steps, old)
+        c = prompt_parser.get_multicond_learned_conditioning(engine, pos, steps, hires_steps, old)
+        return c, uc
+
+    def lora(self, filename: str, multiplier: float) -> ForgeLora:
+        key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
+        if key not in self.loras:
+            self.loras.clear()
+            self.loras[key] = _load_lora(self, filename, multiplier)
+        return self.loras[key]
+
+    def release(self) -> None:
+        release(self)
+
+
+def _load_lora(source: SourceModel, filename: str, multiplier: float) -> ForgeLora:
+    from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
+
+    weights = read_weights(filename)
+    clip = source.engine.forge_objects.clip
+    unet_patches, rest = load_lora(weights, model_lora_keys_unet(source.unet.model, {}))
+    clip_patches, rest = load_lora(rest, model_lora_keys_clip(clip.cond_stage_model, {}))
+    name = os.path.basename(filename)
+    if not unet_patches and not clip_patches:
+        raise DeltaError(f"Delta Sampling: LoRA '{name}' does not fit the source '{source.title}' "
+                         f"(0 of {len(weights)} keys matched): it was made for another architecture.")
+    unet, lora_clip = source.unet.clone(), clip.clone()
+    loaded = unet.add_patches(filename=filename, patches=unet_patches, strength_patch=multiplier, online_mode=True)
+    loaded |= lora_clip.add_patches(filename=filename, patches=clip_patches, strength_patch=multiplier,
+                                    online_mode=True)
+    if rest:
+        logger.warning("LoRA %s: %d keys did not match the source %s", name, len(rest), source.title)
+    logger.info("LoRA %s on %s: %d patches (online)", name, source.title, len(loaded))
+    return ForgeLora(source, unet, lora_clip)
+
+
+def cached_source(cache: Any, info: Any) -> SourceModel:
+    return cache.get(("forge", info.filename, info.shorthash or info.hash), lambda: load_source(info))
+
+
+def load_source(info: Any) -> SourceModel:
+    """`forge_loader` into an independent engine; never `forge_model_reload`, which replaces the target."""
+    from backend import loader
+
+    logger.info("loading source model %s", info.title)
+    try:
+        with _safe_reads(info.filename):
+            engine = loader.forge_loader(info.filename)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        gc.collect()
+        raise DeltaError(f"Delta Sampling: out of memory while loading the source '{info.title}'.") from e
+    except DeltaError:
+        raise
+    except Exception as e:
+        raise DeltaError(f"Delta Sampling: cannot build a model from '{info.title}': {e}") from e
+    if engine is None:
+        raise DeltaError(f"Delta Sampling: Forge does not recognize the model type of '{info.title}'.")
+    return SourceModel(info.title, engine, target_format(engine))
+
+
+@contextlib.contextmanager
+def _safe_reads(filename: str) -> Iterator[None]:
+    """Forge unpickles .ckpt files with a permissive pickler; hand it a weights-only read instead."""
+    from backend import loader
+
+    if filename.lower().endswith(".safetensors"):
+        yield
+        return
+    weights, original = read_weights(filename), loader.load_torch_file
+    loader.load_torch_file = lambda ckpt, *a, **k: weights if ckpt == filename else original(ckpt, *a, **k)
+    try:
+        yield
+    finally:
+        loader.load_torch_file = original
+
+
+def release(source: SourceModel) -> None:
+    """Make a source engine really leave memory: Forge's loaded list, DS-patched UNets, then the heap."""
+    from backend import memory_management
+
+    modules = {id(source.unet.model), id(source.engine.forge_objects.clip.cond_stage_model)}
+    loaded = memory_management.current_loaded_models
+    for entry in [m for m in loaded if id(getattr(m.model, "model", None)) in modules]:
+        loaded.remove(entry)
+        with contextlib.suppress(Exception):
+            entry.model_unload(avoid_model_moving=True)
+    for unet in list(PATCHED_UNETS):
+        unet.extra_model_patchers_during_sampling[:] = [
+            m for m in unet.extra_model_patchers_during_sampling if id(m.model) not in modules]
+    source.loras.clear()
+    source.engine = None
+    gc.collect()
+    memory_management.soft_empty_cache()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
