@@ -26,6 +26,7 @@ from .generation import (
     fail,
     guard_sampler,
     prepare,
+    skips_uncond,
 )
 
 
