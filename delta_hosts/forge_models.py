@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from backend import loader, memory_management
+from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
+from backend.sampling.condition import compile_conditions
+from backend.sampling.sampling_function import calc_cond_uncond_batch
+from backend.utils import load_torch_file, nested_move_to_device
 from modules import prompt_parser, shared
 
 from lib_delta import DeltaError, latent, logger
@@ -49,8 +54,6 @@ def read_weights(filename: str) -> dict[str, torch.Tensor]:
     """safetensors directly; anything else with Forge's weights-only torch.load."""
     if filename.lower().endswith(".safetensors"):
         return files.read_weights(filename)
-    from backend.utils import load_torch_file
-
     try:
         return load_torch_file(filename, safe_load=True)
     except Exception as e:
@@ -81,8 +84,6 @@ class ForgeLora:
 
 
 def _attach(patcher: Any, base: Any) -> None:
-    from backend.utils import nested_move_to_device
-
     device = next(base.model.parameters()).device
     dtype = getattr(base.model, "computation_dtype", None)
     nested_move_to_device(patcher.lora_patches, device=device, **({"dtype": dtype} if dtype else {}))
@@ -107,9 +108,6 @@ class SourceModel:
         return [self.unet]
 
     def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        from backend.sampling.condition import compile_conditions
-        from backend.sampling.sampling_function import calc_cond_uncond_batch
-
         unet = self.unet
         out, _ = calc_cond_uncond_batch(unet.model, compile_conditions(cond), None, x, sigma, unet.model_options)
         return out.to(x.dtype)
@@ -137,8 +135,6 @@ class SourceModel:
 
 
 def _load_lora(source: SourceModel, filename: str, multiplier: float) -> ForgeLora:
-    from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
-
     weights = read_weights(filename)
     clip = source.engine.forge_objects.clip
     unet_patches, rest = load_lora(weights, model_lora_keys_unet(source.unet.model, {}))
@@ -163,8 +159,6 @@ def cached_source(cache: Any, info: Any) -> SourceModel:
 
 def load_source(info: Any) -> SourceModel:
     """`forge_loader` into an independent engine; never `forge_model_reload`, which replaces the target."""
-    from backend import loader
-
     logger.info("loading source model %s", info.title)
     try:
         with _safe_reads(info.filename):
@@ -184,8 +178,6 @@ def load_source(info: Any) -> SourceModel:
 @contextlib.contextmanager
 def _safe_reads(filename: str) -> Iterator[None]:
     """Forge unpickles .ckpt files with a permissive pickler; hand it a weights-only read instead."""
-    from backend import loader
-
     if filename.lower().endswith(".safetensors"):
         yield
         return
@@ -199,8 +191,6 @@ def _safe_reads(filename: str) -> Iterator[None]:
 
 def release(source: SourceModel) -> None:
     """Make a source engine really leave memory: Forge's loaded list, DS-patched UNets, then the heap."""
-    from backend import memory_management
-
     modules = {id(source.unet.model), id(source.engine.forge_objects.clip.cond_stage_model)}
     loaded = memory_management.current_loaded_models
     for entry in [m for m in loaded if id(getattr(m.model, "model", None)) in modules]:

@@ -14,7 +14,8 @@ for path in (ROOT, ROOT / "tests"):
 
 torch.set_num_threads(1)  # tiny models: thread start-up dominates on small CPUs
 
-HOST_MODULES = ("modules", "delta_hosts", "gradio", "networks", "delta_sampling.py")
+HOST_MODULES = ("modules", "delta_hosts", "gradio", "networks", "delta_sampling.py", "backend", "ldm_patched",
+                "modules_forge")
 
 
 def _purge() -> None:
