@@ -8,6 +8,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_WEBUI = ROOT / "tests" / "fake_webui"
+FAKE_FORGE = ROOT / "tests" / "fake_forge"
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
@@ -24,10 +25,31 @@ def _purge() -> None:
             del sys.modules[name]
 
 
+def _write_checkpoints(tmp_path, sd_models):
+    import safetensors.torch
+    from tinyldm import TinyLDM
+
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    checkpoints = {}
+    for name, seed in (("sd15_a", 1), ("sd15_b", 2)):
+        path = models_dir / f"{name}.safetensors"
+        safetensors.torch.save_file(TinyLDM(seed=seed).state_dict(), str(path))
+        checkpoints[name] = sd_models.CheckpointInfo(str(path), f"{seed:010d}").register()
+    return checkpoints
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("delta_sampling.py", ROOT / "scripts" / "delta_sampling.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["delta_sampling.py"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def webui(tmp_path, monkeypatch):
     """The extension loaded into fake A1111 modules, with tiny random-weight checkpoints on disk."""
-    import safetensors.torch
     from tinyldm import TinyLDM
 
     _purge()
@@ -38,19 +60,9 @@ def webui(tmp_path, monkeypatch):
 
         shared.sd_model = TinyLDM(seed=1).eval().requires_grad_(False)
         shared.state.interrupted = False
-        models_dir = tmp_path / "models"
-        models_dir.mkdir()
-        checkpoints = {}
-        for name, seed in (("sd15_a", 1), ("sd15_b", 2)):
-            path = models_dir / f"{name}.safetensors"
-            safetensors.torch.save_file(TinyLDM(seed=seed).state_dict(), str(path))
-            checkpoints[name] = sd_models.CheckpointInfo(str(path), f"{seed:010d}").register()
+        checkpoints = _write_checkpoints(tmp_path, sd_models)
         shared.sd_model.sd_checkpoint_info = checkpoints["sd15_a"]
-
-        spec = importlib.util.spec_from_file_location("delta_sampling.py", ROOT / "scripts" / "delta_sampling.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["delta_sampling.py"] = module
-        spec.loader.exec_module(module)
+        module = _load_script()
         from delta_hosts import a1111, a1111_models
 
         loads: list[str] = []
@@ -73,4 +85,38 @@ def webui(tmp_path, monkeypatch):
         )
     finally:
         sys.path.remove(str(FAKE_WEBUI))
+        _purge()
+
+
+@pytest.fixture
+def forge(tmp_path):
+    """The extension loaded into fake new-Forge modules (tests/fake_forge over tests/fake_webui)."""
+    _purge()
+    sys.path[:0] = [str(FAKE_FORGE), str(FAKE_WEBUI)]
+    try:
+        import modules
+
+        modules.__path__.insert(0, str(FAKE_FORGE / "modules"))
+        import networks
+        from backend import loader, memory_management, utils
+        from modules import processing, script_callbacks, sd_models, shared
+
+        shared.state.interrupted = False
+        checkpoints = _write_checkpoints(tmp_path, sd_models)
+        shared.sd_model = loader.forge_loader(checkpoints["sd15_a"].filename)
+        shared.sd_model.sd_checkpoint_info = checkpoints["sd15_a"]
+        loader.loads.clear()
+        module = _load_script()
+        from delta_hosts import forge, forge_models, generation
+
+        generation.CACHE.clear()
+        yield SimpleNamespace(
+            script=module.DeltaSamplingScript(), module=module, adapter=forge, models=forge_models,
+            generation=generation, shared=shared, processing=processing, callbacks=script_callbacks,
+            sd_models=sd_models, networks=networks, checkpoints=checkpoints, loader=loader,
+            memory=memory_management, utils=utils, tmp=tmp_path,
+        )
+    finally:
+        for path in (FAKE_FORGE, FAKE_WEBUI):
+            sys.path.remove(str(path))
         _purge()

@@ -32,7 +32,7 @@ class Options:
 
 DEFAULT_OPTS = {
     "skip_early_cond": 0.0, "s_min_uncond_all": False, "use_old_scheduling": False, "enable_quantization": False,
-    "batch_cond_uncond": True, "pad_cond_uncond": False, "pad_cond_uncond_v0": False, "live_preview_content": "Prompt",
+    "batch_cond_uncond": True, "CLIP_stop_at_last_layers": 1, "pad_cond_uncond": False, "pad_cond_uncond_v0": False, "live_preview_content": "Prompt",
 }
 opts = Options(DEFAULT_OPTS)
 cmd_opts = SimpleNamespace(no_half=True, lora_dir="")

@@ -1,0 +1,56 @@
+"""Forge's CFGDenoiser.forward: unbatched on_cfg_denoiser, NGMS, sampling_function (with post-CFG
+functions), inpaint blend, on_cfg_after_cfg. on_cfg_denoised never fires."""
+
+import torch
+from backend.sampling.sampling_function import sampling_function
+from modules import prompt_parser, sd_samplers_common, shared
+from modules.script_callbacks import (
+    AfterCFGCallbackParams,
+    CFGDenoiserParams,
+    cfg_after_cfg_callback,
+    cfg_denoiser_callback,
+)
+
+
+class CFGDenoiser(torch.nn.Module):
+    def __init__(self, sampler):
+        super().__init__()
+        self.model_wrap = None
+        self.mask = self.nmask = self.init_latent = None
+        self.steps = self.total_steps = None
+        self.step = 0
+        self.sampler = sampler
+        self.p = None
+
+    @property
+    def inner_model(self):
+        raise NotImplementedError
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        state = shared.state
+        if state.interrupted or state.skipped:
+            raise sd_samplers_common.InterruptedException
+        cond_composition, cond = prompt_parser.reconstruct_multicond_batch(cond, self.step)
+        uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step)
+        if self.mask is not None:
+            noisy_initial_latent = self.init_latent + sigma[:, None, None, None] * torch.randn_like(self.init_latent)
+            x = x * self.nmask + noisy_initial_latent * self.mask
+        denoiser_params = CFGDenoiserParams(x, image_cond, sigma, state.sampling_step, state.sampling_steps, cond,
+                                            uncond, self)
+        cfg_denoiser_callback(denoiser_params)
+        if self.p.is_hr_pass and getattr(self.p, "hr_cfg", None):
+            cond_scale = self.p.hr_cfg
+        opts = shared.opts
+        if opts.skip_early_cond > 0 and self.step / self.total_steps <= opts.skip_early_cond:
+            cond_scale = 1.0
+        elif (self.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond:
+            cond_scale = 1.0
+        denoised, cond_pred, uncond_pred = sampling_function(self, denoiser_params=denoiser_params,
+                                                             cond_scale=cond_scale, cond_composition=cond_composition)
+        if self.mask is not None:
+            denoised = denoised * self.nmask + self.init_latent * self.mask
+        self.sampler.last_latent = denoised
+        after = AfterCFGCallbackParams(denoised, state.sampling_step, state.sampling_steps)
+        cfg_after_cfg_callback(after)
+        self.step += 1
+        return after.x

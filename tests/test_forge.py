@@ -1,0 +1,204 @@
+"""New-Forge glue through fake `backend` + `modules` (tests/fake_forge): the post-CFG patch, identities,
+idempotent hooks, online LoRA through Forge's loader, errors, and memory release."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import safetensors.torch
+import torch
+from test_a1111_lifecycle import lora_ds, write_lora
+from test_a1111_sampling import PROMPT, ds, generate
+
+from lib_delta import DeltaError
+
+SAMPLERS = ["Euler", "Euler a", "Heun", "DPM++ 2M"]
+
+
+def ds_functions(unet) -> list:
+    return [f for f in unet.model_options.get("sampler_post_cfg_function", []) if getattr(f, "delta_sampling", False)]
+
+
+def assert_host_clean(forge) -> None:
+    engine = forge.shared.sd_model
+    for objects in (engine.forge_objects, engine.forge_objects_after_applying_lora, engine.forge_objects_original):
+        assert ds_functions(objects.unet) == [] and objects.unet.extra_model_patchers_during_sampling == []
+    assert not any(hasattr(m, "forge_online_loras") for m in engine.forge_objects.unet.model.modules())
+
+
+def native_lora(forge, path: str, weight: float = 1.0) -> None:
+    """What Forge's built-in Lora extension does for <lora:...>: patched clones as the after-LoRA objects."""
+    from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
+
+    engine = forge.shared.sd_model
+    objects = engine.forge_objects_original.shallow_copy()
+    unet, clip = objects.unet.clone(), objects.clip.clone()
+    unet_patches, rest = load_lora(safetensors.torch.load_file(path), model_lora_keys_unet(unet.model, {}))
+    clip_patches, _ = load_lora(rest, model_lora_keys_clip(clip.cond_stage_model, {}))
+    unet.add_patches(filename=path, patches=unet_patches, strength_patch=weight)
+    clip.add_patches(filename=path, patches=clip_patches, strength_patch=weight)
+    objects.unet, objects.clip = unet, clip
+    engine.forge_objects_after_applying_lora = objects
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_lambda_zero_is_bit_identical_to_ds_off(forge, sampler):
+    off, _, _ = generate(forge, sampler_name=sampler)
+    on, _, processed = generate(forge, ds(strength=0.0), sampler_name=sampler)
+    assert torch.equal(off, on)
+    assert "Delta Sampling" in processed.infotexts[0] and forge.processing.script_errors == []
+    assert_host_clean(forge)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_base_equals_adapted_is_bit_identical(forge, sampler):
+    off, _, _ = generate(forge, sampler_name=sampler)
+    on, p, _ = generate(forge, ds(strength=3.0, adapted_prompt=PROMPT), sampler_name=sampler)
+    assert torch.equal(off, on)
+
+
+def test_lambda_changes_the_image_and_is_applied_every_step(forge):
+    off, _, _ = generate(forge)
+    seen = []
+    original = forge.adapter._post_cfg
+
+    def spy(state):
+        fn = original(state)
+
+        def wrapped(args):
+            seen.append(float(state.host["step"].progress))
+            return fn(args)
+
+        wrapped.delta_sampling = True
+        return wrapped
+
+    forge.adapter._post_cfg = spy
+    try:
+        on, _, _ = generate(forge, ds(strength=2.0))
+    finally:
+        forge.adapter._post_cfg = original
+    assert (on - off).abs().mean() > 1e-3
+    assert seen == [i / 5 for i in range(6)]  # Euler, 6 steps: one call per step, progress from the count
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_source_equals_target_lora_at_lambda_one_equals_native_lora(forge, sampler):
+    path = write_lora(forge)
+    plain, _, _ = generate(forge, sampler_name=sampler)
+    on, _, processed = generate(forge, lora_ds(strength=1.0), sampler_name=sampler)
+    assert processed.infotexts[0]["DS adapter"] == "style [000000000003]"
+    assert_host_clean(forge)
+    native_lora(forge, path)
+    native, _, _ = generate(forge, sampler_name=sampler)
+    torch.testing.assert_close(on, native, rtol=1e-5, atol=1e-5)
+    assert (native - plain).abs().mean() > 1e-3  # the LoRA matters, so the match is not trivial
+
+
+def test_online_lora_never_touches_the_source_weights(forge):
+    write_lora(forge)
+    generate(forge, lora_ds(strength=1.0))
+    source = next(iter(forge.generation.CACHE.entries.values()))
+    before = {k: v.clone() for k, v in source.unet.model.state_dict().items()}
+    clip_before = {k: v.clone() for k, v in source.engine.forge_objects.clip.cond_stage_model.state_dict().items()}
+    generate(forge, lora_ds(strength=1.0))
+    for k, v in source.unet.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in source.engine.forge_objects.clip.cond_stage_model.state_dict().items():
+        assert torch.equal(v, clip_before[k]), k
+    assert not any(hasattr(m, "forge_online_loras") for m in source.unet.model.modules())
+    assert forge.loader.loads == [forge.checkpoints["sd15_a"].filename]  # loaded once, cached
+
+
+def test_hook_called_twice_never_applies_ds_twice(forge):
+    once, _, _ = generate(forge, ds(strength=2.0))
+    original = forge.adapter.begin_pass
+
+    def twice(p):
+        original(p)
+        original(p)
+        unet = p.sd_model.forge_objects.unet
+        assert len(ds_functions(unet)) == 1 and len(unet.extra_model_patchers_during_sampling) == 1
+
+    forge.module.ADAPTER.begin_pass = twice
+    try:
+        doubled, _, _ = generate(forge, ds(strength=2.0))
+    finally:
+        forge.module.ADAPTER.begin_pass = original
+    assert torch.equal(once, doubled)
+
+
+def test_hires_pass_is_patched_once_per_pass(forge):
+    off, _, _ = generate(forge, enable_hr=True, hr_scale=2.0, hr_second_pass_steps=3)
+    zero, _, _ = generate(forge, ds(strength=0.0), enable_hr=True, hr_scale=2.0, hr_second_pass_steps=3)
+    on, _, _ = generate(forge, ds(strength=2.0), enable_hr=True, hr_scale=2.0, hr_second_pass_steps=3)
+    assert torch.equal(off, zero) and off.shape[-1] == 8
+    assert (on - off).abs().mean() > 1e-3
+    assert_host_clean(forge)
+
+
+def test_source_patchers_load_with_the_target(forge):
+    generate(forge, ds(strength=1.0))
+    source = next(iter(forge.generation.CACHE.entries.values()))
+    assert any(m.model is source.unet for m in forge.memory.current_loaded_models)
+
+
+def test_turning_ds_off_releases_the_source_engine(forge):
+    write_lora(forge)
+    generate(forge, lora_ds(strength=1.0))
+    source = next(iter(forge.generation.CACHE.entries.values()))
+    unet_module, clip_module = weakref.ref(source.unet.model), weakref.ref(source.engine.forge_objects.clip.cond_stage_model)
+    del source
+    generate(forge)  # DS off
+    gc.collect()
+    assert forge.generation.CACHE.entries == {}
+    assert unet_module() is None and clip_module() is None  # nothing holds the weights any more
+    assert all(m.model.model is not unet_module() for m in forge.memory.current_loaded_models)
+    assert forge.memory.empty_cache_calls > 0
+
+
+def test_free_button_and_source_change_release(forge):
+    generate(forge, ds(strength=1.0))
+    first = weakref.ref(next(iter(forge.generation.CACHE.entries.values())).unet.model)
+    generate(forge, ds(strength=1.0, source="sd15_b"))
+    gc.collect()
+    assert first() is None and len(forge.generation.CACHE.entries) == 1
+    assert forge.generation.free_sources() == "Released 1 source model(s)."
+    assert forge.generation.CACHE.entries == {}
+
+
+def test_missing_source_and_bad_lora_fail_without_an_image(forge, tmp_path):
+    with pytest.raises(DeltaError, match="was not found"):
+        generate(forge, ds(source="nope"))
+    bad = {"lora_unet_nothing_here.lora_down.weight": torch.zeros(2, 3),
+           "lora_unet_nothing_here.lora_up.weight": torch.zeros(3, 2)}
+    path = tmp_path / "wrong.safetensors"
+    safetensors.torch.save_file(bad, str(path))
+    forge.networks.register("wrong", str(path), shorthash="000000000009")
+    with pytest.raises(DeltaError, match="0 of 2 keys matched"):
+        generate(forge, ds(adapter_kind="lora", adapter="wrong", adapted_prompt=""))
+    with pytest.raises(DeltaError, match="lambda"):
+        generate(forge, ds(strength=float("nan")))
+    ok, _, _ = generate(forge, ds(strength=1.0))
+    assert torch.isfinite(ok).all()
+    assert_host_clean(forge)
+
+
+def test_non_finite_delta_mid_sampling_stops_the_generation(forge, monkeypatch):
+    generate(forge, ds(strength=1.0))
+    source = next(iter(forge.generation.CACHE.entries.values()))
+    monkeypatch.setattr(source, "model_fn", lambda x, s, c: torch.full_like(x, float("nan")))
+    with pytest.raises(DeltaError, match="non-finite"):
+        generate(forge, ds(strength=1.0))
+    assert_host_clean(forge)
+
+
+def test_ckpt_source_is_read_weights_only(forge, tmp_path):
+    path = tmp_path / "models" / "pickled.ckpt"
+    torch.save({"state_dict": safetensors.torch.load_file(forge.checkpoints["sd15_a"].filename)}, str(path))
+    forge.sd_models.CheckpointInfo(str(path), "00000000cc").register()
+    via_ckpt, _, _ = generate(forge, ds(strength=1.0, source="pickled"))
+    via_st, _, _ = generate(forge, ds(strength=1.0))
+    assert torch.equal(via_ckpt, via_st)
+    assert forge.utils.unsafe_loads == []
