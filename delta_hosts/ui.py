@@ -53,6 +53,8 @@ def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list
             c[attr] = gr.Textbox(lines=1, placeholder=FIELD_BY_ATTR[attr].tooltip, **kw(attr))
         with gr.Accordion("Advanced", open=False):
             c["source_cfg"] = slider("source_cfg")
+            free = gr.Button(value="Free source models", elem_id=eid("free"))
+    free.click(fn=free_sources, inputs=[], outputs=[], show_progress=False)
     refresh.click(fn=refresh_adapters, inputs=[c["adapter_kind"]], outputs=[c["adapter"]], show_progress=False)
     c["adapter_kind"].change(fn=on_kind_change, inputs=[c["adapter_kind"], c["adapter"]],
                              outputs=[c["adapter"], c["adapter_weight"], refresh], show_progress=False)
@@ -71,6 +73,20 @@ def on_kind_change(kind: str, adapter: str) -> tuple[dict, dict, dict]:
     stale = adapter not in names and adapter in choices.adapters(None)
     return (gr.update(choices=names, value="" if stale or kind == "prompt" else adapter, visible=kind != "prompt"),
             gr.update(visible=kind == "lora"), gr.update(visible=kind != "prompt"))
+
+
+def free_sources() -> None:
+    """Release every cached source model, on Forge's generation thread when there is one."""
+    from . import generation
+
+    try:
+        from modules_forge import main_thread
+    except ImportError:
+        message = generation.free_sources()
+    else:
+        message = main_thread.run_and_wait_result(generation.free_sources)
+    logger.info("%s", message)
+    gr.Info(message)
 
 
 def refresh_adapters(kind: str) -> dict:
@@ -120,7 +136,7 @@ def on_ui_settings() -> None:
 
     section = ("delta_sampling", "Delta Sampling")
     shared.opts.add_option("delta_sampling_cache_size", shared.OptionInfo(
-        2, "Source models kept in memory between generations", gr.Slider,
+        1, "Source models kept in memory between generations (more makes X/Y/Z source sweeps faster)", gr.Slider,
         {"minimum": 1, "maximum": 8, "step": 1}, section=section, category_id="sd"))
     shared.opts.add_option("delta_sampling_log_level", shared.OptionInfo(
         "INFO", "Delta Sampling log level", gr.Radio, {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]},

@@ -161,7 +161,7 @@ def test_settings_section_and_log_level(webui):
 
     webui.callbacks.ui_settings_callback()
     opts = webui.shared.opts
-    assert opts.delta_sampling_cache_size == 2 and opts.delta_sampling_log_level == "INFO"
+    assert opts.delta_sampling_cache_size == 1 and opts.delta_sampling_log_level == "INFO"
     opts.data["delta_sampling_log_level"] = "WARNING"
     opts.data_labels["delta_sampling_log_level"].onchange()
     assert logger.level == 30
@@ -207,3 +207,12 @@ def _created_blocks(webui, gradio):
     finally:
         gradio.Block.__init__ = original
     return created
+
+
+def test_free_button_releases_cached_sources(webui):
+    import gradio
+
+    generate(webui, ds())
+    assert webui.a1111.CACHE.entries
+    webui.module.ui.free_sources()
+    assert webui.a1111.CACHE.entries == {} and gradio.warnings[-1] == "Released 1 source model(s)."

@@ -15,6 +15,10 @@ def Warning(message: str) -> None:  # noqa: N802 - gradio's name
     warnings.append(message)
 
 
+def Info(message: str) -> None:  # noqa: N802 - gradio's name
+    warnings.append(message)
+
+
 def update(**kwargs: Any) -> dict[str, Any]:
     return {"__type__": "generic_update", **kwargs}
 
