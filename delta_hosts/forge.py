@@ -1,4 +1,4 @@
-"""Forge host adapter (new Forge and the ldm_patched forks): DS as a post-CFG function.
+"""New Forge host adapter: DS as a post-CFG function.
 
 Forge never fires on_cfg_denoised, so each pass (process_before_every_sampling, which runs twice for
 hires) clones the target UNet patcher, replaces any DS function on it by a fresh one, and registers the
@@ -8,7 +8,6 @@ only records the model-call count. The clone is swapped back out when the sample
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ from lib_delta import DeltaError, schedules
 from lib_delta.delta import DeltaRun, StepInput
 from lib_delta.spec import DeltaSettings
 
-from . import FORGE, HOST
+from . import forge_models as models
 from .generation import (
     STATE_ATTR,
     Prepared,
@@ -32,7 +31,6 @@ from .generation import (
     skips_uncond,
 )
 
-models = importlib.import_module(f"{__package__}.{'forge_models' if HOST == FORGE else 'ldm_patched_models'}")
 DS_TAG = "delta_sampling"  # marks our post-CFG function on a patcher
 
 

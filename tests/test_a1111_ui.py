@@ -216,3 +216,10 @@ def test_free_button_releases_cached_sources(webui):
     assert webui.a1111.CACHE.entries
     webui.module.ui.free_sources()
     assert webui.a1111.CACHE.entries == {} and gradio.warnings[-1] == "Released 1 source model(s)."
+
+
+def test_ldm_patched_forks_get_a_clear_refusal(webui):
+    import delta_hosts
+
+    adapter, reason = delta_hosts.load_adapter(delta_hosts.LDM_PATCHED)
+    assert adapter is None and "reForge / Forge Classic" in reason
