@@ -50,7 +50,7 @@ class Branch:
         x_cond = torch.cat([x[i : i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(repeats)])
         s_cond = torch.cat([sigma[i : i + 1].expand(n) for i, n in enumerate(repeats)])
         with self.context():
-            if skip_uncond:
+            if skip_uncond or scale == 1.0:  # CFG 1 is the cond prediction: skip the uncond pass
                 out = self.model_fn(x_cond, s_cond, cond)
                 first_rows = [c[0][0] for c in conds_list]
                 return combine_cfg(torch.cat([out, out[first_rows]]), conds_list, 1.0)

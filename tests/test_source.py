@@ -58,3 +58,18 @@ def test_model_cache_is_lru_and_releases_evicted_entries():
     assert list(cache.entries) == ["a", "c"] and released == ["B"] and cache.loads == 3
     cache.clear()
     assert released == ["B", "A", "C"] and not cache.entries
+
+
+def test_cfg_one_runs_only_the_cond_rows():
+    calls = []
+
+    def model_fn(x, sigma, cond):
+        calls.append(x.shape[0])
+        return x * 0 + cond.mean()
+
+    cond, uncond = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)
+    branch = Branch(model_fn, lambda step: ([[(0, 1.0)], [(1, 1.0)]], cond, uncond))
+    out = branch.denoise(torch.zeros(2, 4, 2, 2), torch.ones(2), step=0, scale=1.0, skip_uncond=False)
+    assert calls == [2] and torch.equal(out, torch.ones(2, 4, 2, 2))
+    branch.denoise(torch.zeros(2, 4, 2, 2), torch.ones(2), step=0, scale=5.0, skip_uncond=False)
+    assert calls == [2, 4]
