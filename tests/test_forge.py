@@ -202,3 +202,21 @@ def test_ckpt_source_is_read_weights_only(forge, tmp_path):
     via_st, _, _ = generate(forge, ds(strength=1.0))
     assert torch.equal(via_ckpt, via_st)
     assert forge.utils.unsafe_loads == []
+
+
+def test_interrupt_mid_sampling_leaves_the_host_clean(forge):
+    calls = []
+
+    def interrupt_at_third_call(params):
+        calls.append(1)
+        if len(calls) == 3:
+            forge.shared.state.interrupted = True
+
+    forge.callbacks.on_cfg_denoiser(interrupt_at_third_call)
+    try:
+        out, p, _ = generate(forge, ds(strength=2.0))
+    finally:
+        forge.shared.state.interrupted = False
+    assert torch.isfinite(out).all() and len(calls) == 3
+    assert getattr(p, forge.generation.STATE_ATTR) is None
+    assert_host_clean(forge)

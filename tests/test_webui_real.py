@@ -4,6 +4,8 @@ Set-up: link this repo into `$WEBUI_DIR/extensions/` and have at least one check
 folder. Variables: WEBUI_DIR (required), WEBUI_PYTHON (default: $WEBUI_DIR/venv/bin/python, else this
 Python), WEBUI_ARGS (extra launch flags; default: the CPU flags below), WEBUI_URL (use a server that is
 already running instead of starting one), DS_SOURCE (source checkpoint title; default: the first one).
+Forge on CPU needs WEBUI_ARGS="--always-cpu --skip-prepare-environment --skip-torch-cuda-test --clip-in-fp32
+--nowebui --api --server-name 127.0.0.1".
 """
 
 from __future__ import annotations
