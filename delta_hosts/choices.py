@@ -46,13 +46,19 @@ def adapters(kind: str | None) -> list[str]:
 
 
 def resolve_checkpoint(title: str) -> str:
-    """The local title for a pasted 'name [hash]'; unknown names are kept as typed."""
+    """The panel's label for a pasted 'name [hash]' (A1111 lists titles, Forge file names); unknown
+    names are kept as typed."""
     from . import files
 
     try:
-        return files.find_checkpoint(title).title
+        info = files.find_checkpoint(title)
     except DeltaError:
         return title
+    listed = checkpoints()
+    for label in (info.title, getattr(info, "name", None), getattr(info, "short_title", None)):
+        if label in listed:
+            return label
+    return info.title
 
 
 def resolve_adapter(kind: str, name: str) -> str:

@@ -36,12 +36,14 @@ def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list
         if unsupported:
             gr.Markdown(unsupported)
         with gr.Row():
-            c["source"] = gr.Dropdown(choices=choices.checkpoints(), allow_custom_value=True, **kw("source"))
+            c["source"] = gr.Dropdown(choices=selectable(choices.checkpoints()), allow_custom_value=True,
+                                      **kw("source"))
             create_refresh_button(c["source"], choices.refresh_checkpoints,
-                                  lambda: {"choices": choices.checkpoints()}, eid("source_refresh"))
+                                  lambda: {"choices": selectable(choices.checkpoints())}, eid("source_refresh"))
         with gr.Row():
             c["adapter_kind"] = gr.Dropdown(choices=list(FIELD_BY_ATTR["adapter_kind"].choices), **kw("adapter_kind"))
-            c["adapter"] = gr.Dropdown(choices=choices.adapters("lora"), allow_custom_value=True, **kw("adapter"))
+            c["adapter"] = gr.Dropdown(choices=selectable(choices.adapters("lora")), allow_custom_value=True,
+                                       **kw("adapter"))
             refresh = ToolButton(value="\U0001f504", elem_id=eid("adapter_refresh"), tooltip="DS adapter: refresh")
             c["adapter_weight"] = slider("adapter_weight")
         c["strength"] = slider("strength")
@@ -71,7 +73,7 @@ def on_kind_change(kind: str, adapter: str) -> tuple[dict, dict, dict]:
     """List the new kind's adapters; drop a value that names an adapter of another kind; hide unused fields."""
     names = choices.adapters(kind)
     stale = adapter not in names and adapter in choices.adapters(None)
-    return (gr.update(choices=names, value="" if stale or kind == "prompt" else adapter, visible=kind != "prompt"),
+    return (gr.update(choices=selectable(names), value="" if stale or kind == "prompt" else adapter, visible=kind != "prompt"),
             gr.update(visible=kind == "lora"), gr.update(visible=kind != "prompt"))
 
 
@@ -92,7 +94,13 @@ def free_sources() -> None:
 def refresh_adapters(kind: str) -> dict:
     """The adapter refresh button: rescan the host's files, list the kind this page shows."""
     choices.refresh_adapters()
-    return gr.update(choices=choices.adapters(kind))
+    return gr.update(choices=selectable(choices.adapters(kind)))
+
+
+def selectable(names: list[str]) -> list[str]:
+    """Choices with the empty default first: gradio 4 shows the first choice when the value is not
+    among them, yet submits the empty value, so a panel that looks filled would fail."""
+    return ["", *names]
 
 
 class PasteKey(str):

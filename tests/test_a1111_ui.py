@@ -34,7 +34,9 @@ def test_ui_returns_components_in_spec_order_without_side_effects(webui):
     assert [c.kwargs.get("label") for c in comps] == [f.label for f in FIELDS]
     assert [c.value for c in comps] == DeltaSettings().to_args()
     assert type(comps[0]).__name__ == "InputAccordion" and len(again) == len(FIELDS)
-    assert comps[1].kwargs["choices"] == ["sd15_a [0000000001]", "sd15_b [0000000002]"]
+    assert comps[1].kwargs["choices"] == ["", "sd15_a [0000000001]", "sd15_b [0000000002]"]
+    # gradio 4 shows the first choice when the value is not a choice, but submits the value
+    assert all(c.value in c.kwargs["choices"] for c in comps if "choices" in c.kwargs)
     assert (registered(webui), webui.loads) == before
     (event, kw), = comps[2].events
     assert event == "change" and kw["inputs"] == [comps[2], comps[3]] and kw["outputs"][:2] == [comps[3], comps[4]]
@@ -99,16 +101,16 @@ def test_adapter_kind_switch_lists_that_kind_and_drops_a_stale_value(webui):
 
     write_lora(webui)
     adapter, weight, refresh = ui.on_kind_change("checkpoint", "style")
-    assert adapter["choices"][0].startswith("sd15_a") and adapter["value"] == "" and weight["visible"] is False
+    assert adapter["choices"][1].startswith("sd15_a") and adapter["value"] == "" and weight["visible"] is False
     adapter, _, _ = ui.on_kind_change("checkpoint", "not_installed_here [abc]")
     assert adapter["value"] == "not_installed_here [abc]"  # a pasted name is kept for its clear error
     adapter, weight, refresh = ui.on_kind_change("prompt", "style")
     assert adapter["visible"] is False and adapter["value"] == "" and weight["visible"] is False
     assert refresh["visible"] is False
     adapter, weight, refresh = ui.on_kind_change("lora", "")
-    assert adapter["choices"] == ["style"] and weight["visible"] is True and refresh["visible"] is True
-    assert ui.refresh_adapters("lora")["choices"] == ["style"]
-    assert ui.refresh_adapters("checkpoint")["choices"][0].startswith("sd15_a")
+    assert adapter["choices"] == ["", "style"] and weight["visible"] is True and refresh["visible"] is True
+    assert ui.refresh_adapters("lora")["choices"] == ["", "style"]
+    assert ui.refresh_adapters("checkpoint")["choices"][1].startswith("sd15_a")
 
 
 def fake_xyz(webui) -> types.ModuleType:

@@ -220,3 +220,12 @@ def test_interrupt_mid_sampling_leaves_the_host_clean(forge):
     assert torch.isfinite(out).all() and len(calls) == 3
     assert getattr(p, forge.generation.STATE_ATTR) is None
     assert_host_clean(forge)
+
+
+def test_pasted_source_resolves_to_the_label_forge_lists(forge, monkeypatch):
+    from delta_hosts import choices
+
+    # Forge's checkpoint_tiles() lists file names, A1111's lists 'name [hash]' titles
+    monkeypatch.setattr(forge.sd_models, "checkpoint_tiles", lambda use_short=False: ["sd15_a", "sd15_b"])
+    assert choices.resolve_checkpoint("renamed [0000000002]") == "sd15_b"
+    assert choices.resolve_checkpoint("missing [ffff]") == "missing [ffff]"
