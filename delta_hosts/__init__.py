@@ -13,10 +13,7 @@ from types import ModuleType
 from lib_delta import logger
 
 A1111, FORGE, LDM_PATCHED = "a1111", "forge", "ldm_patched"
-ADAPTERS = {A1111: "a1111", FORGE: "forge"}
-NOT_YET = {LDM_PATCHED: ("Delta Sampling does not support reForge / Forge Classic (the ldm_patched forks) yet: "
-                         "their source-model loading and text encoding differ and are not verified. "
-                         "Use AUTOMATIC1111 1.10+ or Forge (2024+).")}
+ADAPTERS = {A1111: "a1111", FORGE: "forge", LDM_PATCHED: "forge"}
 
 
 def _has(module: str) -> bool:
@@ -36,9 +33,6 @@ def detect_host() -> str:
 
 def load_adapter(host: str) -> tuple[ModuleType | None, str | None]:
     """(adapter module, None), or (None, why this WebUI cannot run Delta Sampling)."""
-    if host in NOT_YET:
-        logger.warning("%s", NOT_YET[host])
-        return None, NOT_YET[host]
     try:
         return importlib.import_module(f"{__name__}.{ADAPTERS[host]}"), None
     except ImportError as e:

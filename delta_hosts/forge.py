@@ -1,4 +1,4 @@
-"""New Forge host adapter: DS as a post-CFG function.
+"""Forge host adapter (new Forge, and reForge / Forge Classic): DS as a post-CFG function.
 
 Forge never fires on_cfg_denoised, so each pass (process_before_every_sampling, which runs twice for
 hires) clones the target UNet patcher, replaces any DS function on it by a fresh one, and registers the
@@ -18,8 +18,9 @@ from lib_delta import DeltaError, schedules
 from lib_delta.delta import DeltaRun, StepInput
 from lib_delta.spec import DeltaSettings
 
-from . import forge_models as models
+from . import FORGE, HOST
 from .generation import (
+    PATCHED_UNETS,
     STATE_ATTR,
     Prepared,
     abort,
@@ -31,6 +32,10 @@ from .generation import (
     skips_uncond,
 )
 
+if HOST == FORGE:
+    from . import forge_models as models
+else:
+    from . import ldm_patched_models as models
 DS_TAG = "delta_sampling"  # marks our post-CFG function on a patcher
 
 
@@ -69,7 +74,7 @@ def begin_pass(p: Any) -> None:
             setattr(patcher, DS_TAG, True)
             patched.add_extra_model_patcher_during_sampling(patcher)
         objects.unet = patched
-        models.PATCHED_UNETS.add(patched)
+        PATCHED_UNETS.add(patched)
         state.host["patch"] = (objects, original, patched)
     except Exception as e:
         fail(state, as_delta_error(e))

@@ -11,10 +11,8 @@ of two engines; in fp32 it is exact (the same merge_lora_to_weight math as Forge
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import os
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +28,7 @@ from modules import prompt_parser, shared
 from lib_delta import DeltaError, latent, logger
 
 from . import files
-
-PATCHED_UNETS: weakref.WeakSet = weakref.WeakSet()  # target UNet clones that carry DS, for release
+from .generation import PATCHED_UNETS, trim_heap
 
 
 def target_format(engine: Any) -> latent.LatentFormat:
@@ -205,9 +202,3 @@ def release(source: SourceModel) -> None:
     gc.collect()
     memory_management.soft_empty_cache()
     trim_heap()
-
-
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -8,6 +8,8 @@ format (`target_format`). Source models offer `encode`, `model_fn`, `lora` and `
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -26,6 +28,7 @@ from . import files
 CACHE = ModelCache(capacity=1, release=lambda source: source.release())
 STATE_ATTR = "_delta_sampling"  # on p: the prepared pair and the current pass's run
 INFOTEXT_KEYS = (INFOTEXT_KEY, *(f.label for f in FIELDS if f.readable))
+PATCHED_UNETS: weakref.WeakSet = weakref.WeakSet()  # Forge: target UNet clones carrying DS, for release
 
 
 class DeltaAbort(BaseException):  # noqa: N818 - escapes the hosts' `except Exception` around callbacks
@@ -194,6 +197,12 @@ def refuse_pass(p: Any) -> None:
     state: Prepared | None = getattr(p, STATE_ATTR, None)
     if state is not None:
         guard_sampler(p, state, lambda: None)
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def free_sources() -> str:

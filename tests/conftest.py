@@ -9,6 +9,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_WEBUI = ROOT / "tests" / "fake_webui"
 FAKE_FORGE = ROOT / "tests" / "fake_forge"
+FAKE_LDM_PATCHED = ROOT / "tests" / "fake_ldm_patched"
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
@@ -88,21 +89,30 @@ def webui(tmp_path, monkeypatch):
         _purge()
 
 
+def _forge_host(tmp_path, fakes, host):
+    sys.path[:0] = [str(p) for p in fakes]
+    import modules
+
+    modules.__path__.insert(0, str(FAKE_FORGE / "modules"))
+    import delta_hosts
+
+    delta_hosts.HOST = host  # both fake hosts are importable here; detection is tested on its own
+    from modules import sd_models, shared
+
+    shared.state.interrupted = False
+    return _write_checkpoints(tmp_path, sd_models)
+
+
 @pytest.fixture
 def forge(tmp_path):
     """The extension loaded into fake new-Forge modules (tests/fake_forge over tests/fake_webui)."""
     _purge()
-    sys.path[:0] = [str(FAKE_FORGE), str(FAKE_WEBUI)]
     try:
-        import modules
-
-        modules.__path__.insert(0, str(FAKE_FORGE / "modules"))
+        checkpoints = _forge_host(tmp_path, (FAKE_FORGE, FAKE_WEBUI), "forge")
         import networks
         from backend import loader, memory_management, utils
         from modules import processing, script_callbacks, sd_models, shared
 
-        shared.state.interrupted = False
-        checkpoints = _write_checkpoints(tmp_path, sd_models)
         shared.sd_model = loader.forge_loader(checkpoints["sd15_a"].filename)
         shared.sd_model.sd_checkpoint_info = checkpoints["sd15_a"]
         loader.loads.clear()
@@ -117,6 +127,40 @@ def forge(tmp_path):
             memory=memory_management, utils=utils, tmp=tmp_path,
         )
     finally:
-        for path in (FAKE_FORGE, FAKE_WEBUI):
-            sys.path.remove(str(path))
-        _purge()
+        _unload((FAKE_FORGE, FAKE_WEBUI))
+
+
+@pytest.fixture
+def ldm_patched(tmp_path):
+    """The extension on fake reForge / Forge Classic APIs (tests/fake_ldm_patched over the Forge fakes)."""
+    _purge()
+    try:
+        checkpoints = _forge_host(tmp_path, (FAKE_LDM_PATCHED, FAKE_FORGE, FAKE_WEBUI), "ldm_patched")
+        import networks
+        from backend import memory_management
+        from modules import processing, script_callbacks, sd_models, shared
+        from modules_forge import forge_loader
+
+        from lib_delta.lora import read_safetensors
+
+        info = checkpoints["sd15_a"]
+        shared.sd_model = forge_loader.load_model_for_a1111(None, info, read_safetensors(info.filename))
+        forge_loader.loads.clear()
+        module = _load_script()
+        from delta_hosts import forge, generation, ldm_patched_models
+
+        generation.CACHE.clear()
+        yield SimpleNamespace(
+            script=module.DeltaSamplingScript(), module=module, adapter=forge, models=ldm_patched_models,
+            generation=generation, shared=shared, processing=processing, callbacks=script_callbacks,
+            sd_models=sd_models, networks=networks, checkpoints=checkpoints, loader=forge_loader,
+            memory=memory_management, tmp=tmp_path,
+        )
+    finally:
+        _unload((FAKE_LDM_PATCHED, FAKE_FORGE, FAKE_WEBUI))
+
+
+def _unload(fakes) -> None:
+    for path in fakes:
+        sys.path.remove(str(path))
+    _purge()

@@ -220,8 +220,8 @@ def test_free_button_releases_cached_sources(webui):
     assert webui.a1111.CACHE.entries == {} and gradio.warnings[-1] == "Released 1 source model(s)."
 
 
-def test_ldm_patched_forks_get_a_clear_refusal(webui):
+def test_a_fork_missing_what_its_adapter_needs_gets_a_clear_refusal(webui):
     import delta_hosts
 
-    adapter, reason = delta_hosts.load_adapter(delta_hosts.LDM_PATCHED)
-    assert adapter is None and "reForge / Forge Classic" in reason
+    adapter, reason = delta_hosts.load_adapter(delta_hosts.LDM_PATCHED)  # no ldm_patched in the A1111 fakes
+    assert adapter is None and "does not support this WebUI (ldm_patched)" in reason and "ldm_patched" in reason

@@ -1,0 +1,173 @@
+"""reForge / Forge Classic (`ldm_patched`): source models built like the active one, by
+`modules_forge.forge_loader.load_model_for_a1111` (A1111 prompt handling over ldm_patched modules),
+and LoRAs through `ldm_patched.modules.sd.load_lora_for_models`.
+
+LoRA choice ("two engines"): these forks merge LoRA patches into the shared weights when a patcher is
+loaded, and toggling base/adapted on one module re-merges (Classic) or moves the whole UNet (reForge) on
+every switch. So the adapted branch is a second copy of the source with the LoRA merged by the fork's own
+model management: 2x the source's memory, no per-step patching, both copies loaded with the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from ldm_patched.modules import model_management
+from ldm_patched.modules.sd import load_lora_for_models
+from modules import prompt_parser, shared
+from modules_forge import forge_loader
+
+from lib_delta import DeltaError, latent, logger
+
+from . import a1111_models, files
+from .generation import PATCHED_UNETS, trim_heap
+
+__all__ = ["PATCHED_UNETS", "SourceModel", "cached_source", "target_format"]
+
+
+def target_format(model: Any) -> latent.LatentFormat:
+    """Latent format from the model's ldm_patched latent format (these forks keep A1111's is_* flags)."""
+    fmt = a1111_models.target_format(model)
+    scale = getattr(getattr(getattr(model, "forge_objects", None), "unet", None), "model", None)
+    scale = getattr(getattr(scale, "latent_format", None), "scale_factor", fmt.scale)
+    if abs(scale - fmt.scale) > 1e-6:
+        raise DeltaError(f"Delta Sampling does not know this model's latent format (scale {scale}).")
+    return fmt
+
+
+@dataclass
+class Engine:
+    """One loaded copy: the A1111-style model object and the patchers that carry its weights."""
+
+    model: Any
+    unet: Any
+    clip: Any
+
+
+@dataclass
+class TwoEngineLora:
+    """The adapted branch: a second copy of the source whose patchers carry the LoRA."""
+
+    source: SourceModel
+    engine: Engine
+
+    @contextlib.contextmanager
+    def enabled(self) -> Iterator[None]:
+        base, self.source.active = self.source.active, self.engine
+        try:
+            yield
+        finally:
+            self.source.active = base
+
+
+@dataclass
+class SourceModel:
+    title: str
+    base: Engine
+    latent_format: latent.LatentFormat
+    info: Any = None
+    active: Engine | None = None
+    loras: dict[tuple, TwoEngineLora] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.active = self.base
+
+    def patchers(self) -> list[Any]:
+        return [self.base.unet] + [lora.engine.unet for lora in self.loras.values()]
+
+    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        kw = {"c_crossattn": cond["crossattn"], "y": cond["vector"]} if isinstance(cond, dict) else {"c_crossattn": cond}
+        model = self.active.unet.model
+        return model.apply_model(x, sigma, transformer_options={}, **kw).to(x.dtype)
+
+    def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
+               width: int, height: int) -> tuple[Any, Any]:
+        engine, old = self.active, shared.opts.use_old_scheduling
+        model_management.load_model_gpu(engine.clip.patcher)  # merges this copy's text-encoder LoRA
+        pos = prompt_parser.SdConditioning(prompts, width=width, height=height)
+        neg = prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True)
+        with torch.no_grad():
+            uc = prompt_parser.get_learned_conditioning(engine.model, neg, steps, hires_steps, old)
+            c = prompt_parser.get_multicond_learned_conditioning(engine.model, pos, steps, hires_steps, old)
+        return c, uc
+
+    def lora(self, filename: str, multiplier: float) -> TwoEngineLora:
+        key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
+        if key not in self.loras:
+            for old in self.loras.values():
+                _drop(old.engine)
+            self.loras.clear()
+            self.loras[key] = _load_lora(self, filename, multiplier)
+        return self.loras[key]
+
+    def release(self) -> None:
+        for lora in self.loras.values():
+            _drop(lora.engine)
+        self.loras.clear()
+        _drop(self.base)
+        self.active = self.base = None  # type: ignore[assignment]
+        gc.collect()
+        model_management.soft_empty_cache()
+        trim_heap()
+
+
+def _load_lora(source: SourceModel, filename: str, multiplier: float) -> TwoEngineLora:
+    weights = files.read_weights(filename)
+    copy = _load_engine(source.info)
+    unet, clip = load_lora_for_models(copy.unet, copy.clip, weights, multiplier, multiplier, filename)
+    name = os.path.basename(filename)
+    if unet is copy.unet and clip is copy.clip:
+        _drop(copy)
+        raise DeltaError(f"Delta Sampling: LoRA '{name}' does not fit the source '{source.title}': "
+                         "no keys matched (it was made for another architecture).")
+    copy.unet, copy.clip = unet, clip
+    copy.model.forge_objects.unet, copy.model.forge_objects.clip = unet, clip
+    logger.info("LoRA %s on %s: merged into a second copy of the source", name, source.title)
+    return TwoEngineLora(source, copy)
+
+
+def cached_source(cache: Any, info: Any) -> SourceModel:
+    return cache.get(("ldm_patched", info.filename, info.shorthash or info.hash), lambda: load_source(info))
+
+
+def load_source(info: Any) -> SourceModel:
+    logger.info("loading source model %s", info.title)
+    engine = _load_engine(info)
+    return SourceModel(info.title, engine, target_format(engine.model), info)
+
+
+def _load_engine(info: Any) -> Engine:
+    """`load_model_for_a1111` builds a model object without touching the active one."""
+    from modules import timer
+
+    try:
+        model = forge_loader.load_model_for_a1111(timer.Timer(), info, files.read_weights(info.filename))
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        gc.collect()
+        raise DeltaError(f"Delta Sampling: out of memory while loading the source '{info.title}'.") from e
+    except DeltaError:
+        raise
+    except Exception as e:
+        raise DeltaError(f"Delta Sampling: cannot build a model from '{info.title}': {e}") from e
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    return Engine(model, model.forge_objects.unet, model.forge_objects.clip)
+
+
+def _drop(engine: Engine) -> None:
+    """Remove a copy's patchers from the fork's loaded list and from DS-patched target UNets."""
+    modules = {id(engine.unet.model), id(engine.clip.cond_stage_model)}
+    loaded = model_management.current_loaded_models
+    for entry in [m for m in loaded if id(getattr(getattr(m, "model", None), "model", None)) in modules]:
+        loaded.remove(entry)
+        with contextlib.suppress(Exception):
+            entry.model_unload()
+    for unet in list(PATCHED_UNETS):
+        unet.extra_model_patchers_during_sampling[:] = [
+            m for m in unet.extra_model_patchers_during_sampling if id(m.model) not in modules]
