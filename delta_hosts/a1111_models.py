@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from modules import devices, prompt_parser, sd_models, shared
+from modules import devices, sd_models, shared
 
 from lib_delta import DeltaError, latent, logger
 from lib_delta.lora import LoraAdapter
 
 from .files import find_checkpoint, read_weights, split_title  # noqa: F401 - re-exported
+from .generation import encode_prompts, loading_source
 
 
 def target_format(model: Any) -> latent.LatentFormat:
@@ -48,14 +49,8 @@ class SourceModel:
 
     def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
                width: int, height: int) -> tuple[Any, Any]:
-        """(multicond, uncond) through the host's prompt parser, with this model's own text encoder."""
-        old = shared.opts.use_old_scheduling
-        pos = prompt_parser.SdConditioning(prompts, width=width, height=height)
-        neg = prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True)
-        with devices.autocast(), torch.no_grad():
-            uc = prompt_parser.get_learned_conditioning(self.model, neg, steps, hires_steps, old)
-            c = prompt_parser.get_multicond_learned_conditioning(self.model, pos, steps, hires_steps, old)
-        return c, uc
+        with devices.autocast():
+            return encode_prompts(self.model, prompts, negatives, steps, hires_steps, width, height)
 
     def lora(self, filename: str, multiplier: float) -> LoraAdapter:
         key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
@@ -78,17 +73,8 @@ def cached_source(cache: Any, info: Any) -> SourceModel:
 def load_source(info: Any) -> SourceModel:
     """Load a checkpoint as an independent model in the host's device and UNet dtype."""
     logger.info("loading source model %s", info.title)
-    try:
+    with loading_source(info.title):
         model = _instantiate(info, read_weights(info.filename))
-    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
-        gc.collect()
-        devices.torch_gc()
-        raise DeltaError(f"Delta Sampling: out of memory while loading the source '{info.title}'. "
-                         "Free memory (smaller cache, --medvram) or choose a smaller source.") from e
-    except DeltaError:
-        raise
-    except Exception as e:
-        raise DeltaError(f"Delta Sampling: cannot build a model from '{info.title}': {e}") from e
     fmt = target_format(model)
     unet_in = getattr(model.model.diffusion_model, "in_channels", fmt.channels)
     if unet_in != fmt.channels:

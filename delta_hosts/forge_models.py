@@ -23,12 +23,12 @@ from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_key
 from backend.sampling.condition import compile_conditions
 from backend.sampling.sampling_function import calc_cond_uncond_batch
 from backend.utils import load_torch_file, nested_move_to_device
-from modules import prompt_parser, shared
+from modules import shared
 
 from lib_delta import DeltaError, latent, logger
 
 from . import files
-from .generation import PATCHED_UNETS, trim_heap
+from .generation import PATCHED_UNETS, encode_prompts, loading_source, trim_heap
 
 
 def target_format(engine: Any) -> latent.LatentFormat:
@@ -111,14 +111,8 @@ class SourceModel:
 
     def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
                width: int, height: int) -> tuple[Any, Any]:
-        """(multicond, uncond) through the host's prompt parser, with this engine's own text encoder."""
-        engine, old = self.engine, shared.opts.use_old_scheduling
-        engine.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))
-        pos = prompt_parser.SdConditioning(prompts, width=width, height=height)
-        neg = prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True)
-        uc = prompt_parser.get_learned_conditioning(engine, neg, steps, hires_steps, old)
-        c = prompt_parser.get_multicond_learned_conditioning(engine, pos, steps, hires_steps, old)
-        return c, uc
+        self.engine.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))
+        return encode_prompts(self.engine, prompts, negatives, steps, hires_steps, width, height)
 
     def lora(self, filename: str, multiplier: float) -> ForgeLora:
         key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
@@ -157,16 +151,8 @@ def cached_source(cache: Any, info: Any) -> SourceModel:
 def load_source(info: Any) -> SourceModel:
     """`forge_loader` into an independent engine; never `forge_model_reload`, which replaces the target."""
     logger.info("loading source model %s", info.title)
-    try:
-        with _safe_reads(info.filename):
-            engine = loader.forge_loader(info.filename)
-    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
-        gc.collect()
-        raise DeltaError(f"Delta Sampling: out of memory while loading the source '{info.title}'.") from e
-    except DeltaError:
-        raise
-    except Exception as e:
-        raise DeltaError(f"Delta Sampling: cannot build a model from '{info.title}': {e}") from e
+    with loading_source(info.title), _safe_reads(info.filename):
+        engine = loader.forge_loader(info.filename)
     if engine is None:
         raise DeltaError(f"Delta Sampling: Forge does not recognize the model type of '{info.title}'.")
     return SourceModel(info.title, engine, target_format(engine))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -197,6 +198,35 @@ def refuse_pass(p: Any) -> None:
     state: Prepared | None = getattr(p, STATE_ATTR, None)
     if state is not None:
         guard_sampler(p, state, lambda: None)
+
+
+def encode_prompts(model: Any, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
+                   width: int, height: int) -> tuple[Any, Any]:
+    """(multicond, uncond) through the host's prompt parser, with `model`'s own text encoder."""
+    old = shared.opts.use_old_scheduling
+    pos = prompt_parser.SdConditioning(prompts, width=width, height=height)
+    neg = prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True)
+    with torch.no_grad():
+        uc = prompt_parser.get_learned_conditioning(model, neg, steps, hires_steps, old)
+        c = prompt_parser.get_multicond_learned_conditioning(model, pos, steps, hires_steps, old)
+    return c, uc
+
+
+@contextlib.contextmanager
+def loading_source(title: str) -> Iterator[None]:
+    """Turn a failed source load into a clear DeltaError."""
+    try:
+        yield
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise DeltaError(f"Delta Sampling: out of memory while loading the source '{title}'. "
+                         "Free memory (Free source models, a smaller target) or choose a smaller source.") from e
+    except DeltaError:
+        raise
+    except Exception as e:
+        raise DeltaError(f"Delta Sampling: cannot build a model from '{title}': {e}") from e
 
 
 def trim_heap() -> None:

@@ -20,13 +20,12 @@ from typing import Any
 import torch
 from ldm_patched.modules import model_management
 from ldm_patched.modules.sd import load_lora_for_models
-from modules import prompt_parser, shared
 from modules_forge import forge_loader
 
 from lib_delta import DeltaError, latent, logger
 
 from . import a1111_models, files
-from .generation import PATCHED_UNETS, trim_heap
+from .generation import PATCHED_UNETS, encode_prompts, loading_source, trim_heap
 
 __all__ = ["PATCHED_UNETS", "SourceModel", "cached_source", "target_format"]
 
@@ -88,14 +87,8 @@ class SourceModel:
 
     def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
                width: int, height: int) -> tuple[Any, Any]:
-        engine, old = self.active, shared.opts.use_old_scheduling
-        model_management.load_model_gpu(engine.clip.patcher)  # merges this copy's text-encoder LoRA
-        pos = prompt_parser.SdConditioning(prompts, width=width, height=height)
-        neg = prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True)
-        with torch.no_grad():
-            uc = prompt_parser.get_learned_conditioning(engine.model, neg, steps, hires_steps, old)
-            c = prompt_parser.get_multicond_learned_conditioning(engine.model, pos, steps, hires_steps, old)
-        return c, uc
+        model_management.load_model_gpu(self.active.clip.patcher)  # merges this copy's text-encoder LoRA
+        return encode_prompts(self.active.model, prompts, negatives, steps, hires_steps, width, height)
 
     def lora(self, filename: str, multiplier: float) -> TwoEngineLora:
         key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
@@ -146,15 +139,8 @@ def _load_engine(info: Any) -> Engine:
     """`load_model_for_a1111` builds a model object without touching the active one."""
     from modules import timer
 
-    try:
+    with loading_source(info.title):
         model = forge_loader.load_model_for_a1111(timer.Timer(), info, files.read_weights(info.filename))
-    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
-        gc.collect()
-        raise DeltaError(f"Delta Sampling: out of memory while loading the source '{info.title}'.") from e
-    except DeltaError:
-        raise
-    except Exception as e:
-        raise DeltaError(f"Delta Sampling: cannot build a model from '{info.title}': {e}") from e
     if isinstance(model, torch.nn.Module):
         model.eval()
     return Engine(model, model.forge_objects.unet, model.forge_objects.clip)
