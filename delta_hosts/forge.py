@@ -59,6 +59,7 @@ def begin_pass(p: Any) -> None:
     guard_sampler(p, state, lambda: unpatch(state))
     unpatch(state)
     state.run = None
+    state.host.pop("step", None)
     if state.error is not None:
         return
     try:
