@@ -8,6 +8,7 @@ only records the model-call count. The clone is swapped back out when the sample
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,6 @@ from .generation import (
     fail,
     guard_sampler,
     prepare,
-    skips_uncond,
 )
 
 if HOST == FORGE:
@@ -43,7 +43,6 @@ DS_TAG = "delta_sampling"  # marks our post-CFG function on a patcher
 class StepCount:
     step: int
     progress: float
-    skip_uncond: bool
 
 
 def start(p: Any, settings: DeltaSettings) -> None:
@@ -70,7 +69,7 @@ def begin_pass(p: Any) -> None:
         original = objects.unet
         patched = original.clone()
         _strip(patched)
-        patched.set_model_sampler_post_cfg_function(_post_cfg(state))
+        patched.set_model_sampler_post_cfg_function(_post_cfg(state, _configured_cfg(p)))
         for patcher in _source_patchers(state):
             setattr(patcher, DS_TAG, True)
             patched.add_extra_model_patcher_during_sampling(patcher)
@@ -112,14 +111,32 @@ def finish(p: Any) -> None:
     setattr(p, STATE_ATTR, None)
 
 
-def _post_cfg(state: Prepared) -> Any:
+def _configured_cfg(p: Any) -> float:
+    hr_cfg = getattr(p, "hr_cfg", None) if getattr(p, "is_hr_pass", False) else None
+    return float(hr_cfg or p.cfg_scale)
+
+
+def _skipped_uncond(args: dict[str, Any], configured_cfg: float) -> bool:
+    """Did the host drop the uncond pass this step (skip-early-CFG, NGMS)? Each fork decides differently,
+    so read the outcome: reForge passes the CFG scale used; the others leave uncond_denoised all zero."""
+    if math.isclose(configured_cfg, 1.0):
+        return False  # no step-specific skip: the source keeps its own CFG
+    used = args.get("cond_scale")
+    if used is not None:
+        return math.isclose(float(used), 1.0)
+    uncond = args.get("uncond_denoised")
+    return uncond is not None and not bool(uncond.any())
+
+
+def _post_cfg(state: Prepared, configured_cfg: float) -> Any:
     def delta_sampling_post_cfg(args: dict[str, Any]) -> torch.Tensor:
         denoised = args["denoised"]
         run, count = state.run, state.host.get("step")
         if run is None or count is None:
             return denoised
         try:
-            run.capture(StepInput(args["input"], args["sigma"], count.step, count.progress, count.skip_uncond))
+            skip = _skipped_uncond(args, configured_cfg)
+            run.capture(StepInput(args["input"], args["sigma"], count.step, count.progress, skip))
             return run.apply(denoised)
         except Exception as e:
             abort(state, as_delta_error(e))
@@ -138,4 +155,4 @@ def on_cfg_denoiser(params: Any) -> None:
         abort(state, DeltaError("Delta Sampling: the refiner switched models mid-sampling; on Forge the DS "
                                 "patch does not follow it. Turn the refiner off while DS is on."))
     progress = schedules.progress_from_calls(denoiser.step, denoiser.total_steps or 1)
-    state.host["step"] = StepCount(denoiser.step, progress, skips_uncond(denoiser, params.sigma))
+    state.host["step"] = StepCount(denoiser.step, progress)

@@ -64,8 +64,8 @@ def test_lambda_changes_the_image_and_is_applied_every_step(forge):
     seen = []
     original = forge.adapter._post_cfg
 
-    def spy(state):
-        fn = original(state)
+    def spy(state, cfg):
+        fn = original(state, cfg)
 
         def wrapped(args):
             seen.append(float(state.host["step"].progress))
@@ -229,3 +229,16 @@ def test_pasted_source_resolves_to_the_label_forge_lists(forge, monkeypatch):
     monkeypatch.setattr(forge.sd_models, "checkpoint_tiles", lambda use_short=False: ["sd15_a", "sd15_b"])
     assert choices.resolve_checkpoint("renamed [0000000002]") == "sd15_b"
     assert choices.resolve_checkpoint("missing [ffff]") == "missing [ffff]"
+
+
+@pytest.mark.parametrize("opt", [{"skip_early_cond": 0.5}, {"s_min_uncond": 5.0}])
+def test_lora_identity_holds_when_the_host_skips_uncond_on_some_steps(forge, opt):
+    """Skip-early-CFG / NGMS drop the target's uncond on some steps: the source must follow the host."""
+    path = write_lora(forge)
+    forge.shared.opts.data.update({k: v for k, v in opt.items() if k != "s_min_uncond"})
+    kw = {"s_min_uncond": opt["s_min_uncond"]} if "s_min_uncond" in opt else {}
+    on, _, _ = generate(forge, lora_ds(strength=1.0), **kw)
+    native_lora(forge, path)
+    native, _, _ = generate(forge, **kw)
+    forge.shared.opts.data["skip_early_cond"] = 0.0
+    torch.testing.assert_close(on, native, rtol=1e-5, atol=1e-5)
