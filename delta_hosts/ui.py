@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 
 from lib_delta import DeltaError, logger
-from lib_delta.spec import FIELD_BY_ATTR, FIELDS, DeltaSettings, malformed_source
+from lib_delta.spec import FIELD_BY_ATTR, FIELDS, MALFORMED, DeltaSettings, malformed_source
 
 from . import choices
 
@@ -57,6 +57,9 @@ def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list
             c["source_cfg"] = slider("source_cfg")
             free = gr.Button(value="Free source models", elem_id=eid("free"))
     free.click(fn=free_sources, inputs=[], outputs=[], show_progress=False)
+    c["source"].change(fn=lambda name: warn_if_missing("checkpoint", name), inputs=[c["source"]], outputs=[],
+                       show_progress=False)
+    c["adapter"].change(fn=warn_if_missing, inputs=[c["adapter_kind"], c["adapter"]], outputs=[], show_progress=False)
     refresh.click(fn=refresh_adapters, inputs=[c["adapter_kind"]], outputs=[c["adapter"]], show_progress=False)
     c["adapter_kind"].change(fn=on_kind_change, inputs=[c["adapter_kind"], c["adapter"]],
                              outputs=[c["adapter"], c["adapter_weight"], refresh], show_progress=False)
@@ -75,6 +78,19 @@ def on_kind_change(kind: str, adapter: str) -> tuple[dict, dict, dict]:
     stale = adapter not in names and adapter in choices.adapters(None)
     return (gr.update(choices=selectable(names), value="" if stale or kind == "prompt" else adapter, visible=kind != "prompt"),
             gr.update(visible=kind == "lora"), gr.update(visible=kind != "prompt"))
+
+
+def warn_if_missing(kind: str, name: str) -> None:
+    """Say at once when a chosen, typed or pasted name does not resolve. Generation fails with the same
+    message; Forge Classic shows only "TypeError: 'NoneType' ..." for any failed generation."""
+    from . import files
+
+    if not name or kind == "prompt" or name.startswith(MALFORMED):
+        return
+    try:
+        files.find_checkpoint(name) if kind == "checkpoint" else files.find_lora(name)
+    except DeltaError as e:
+        gr.Warning(str(e))
 
 
 def free_sources() -> None:

@@ -225,3 +225,19 @@ def test_a_fork_missing_what_its_adapter_needs_gets_a_clear_refusal(webui):
 
     adapter, reason = delta_hosts.load_adapter(delta_hosts.LDM_PATCHED)  # no ldm_patched in the A1111 fakes
     assert adapter is None and "does not support this WebUI (ldm_patched)" in reason and "ldm_patched" in reason
+
+
+def test_a_name_that_does_not_resolve_warns_when_chosen(webui):
+    import gradio
+
+    from delta_hosts import ui
+
+    write_lora(webui)
+    before = list(gradio.warnings)
+    ui.warn_if_missing("checkpoint", "sd15_a [0000000001]")
+    ui.warn_if_missing("lora", "style")
+    ui.warn_if_missing("prompt", "anything")
+    assert gradio.warnings == before
+    ui.warn_if_missing("checkpoint", "gone [123]")
+    ui.warn_if_missing("lora", "gone")
+    assert [w.split("'")[1] for w in gradio.warnings[len(before):]] == ["gone [123]", "gone"]
