@@ -16,6 +16,7 @@ from lib_delta.delta import DeltaRun, StepInput
 from lib_delta.spec import DeltaSettings
 
 from . import a1111_models as models
+from . import generation
 from .generation import (
     CACHE,  # noqa: F401 - re-exported
     STATE_ATTR,
@@ -24,7 +25,6 @@ from .generation import (
     as_delta_error,
     build_pair,
     fail,
-    guard_sampler,
     prepare,
     skips_uncond,
 )
@@ -37,12 +37,8 @@ def start(p: Any, settings: DeltaSettings) -> None:
 
 def begin_pass(p: Any) -> None:
     """Script.process_before_every_sampling: build this pass's run and guard the sampler."""
-    state: Prepared | None = getattr(p, STATE_ATTR, None)
+    state = generation.begin_pass(p, lambda state: ACTIVE.clear())
     if state is None:
-        return
-    guard_sampler(p, state, ACTIVE.clear)
-    state.run = None
-    if state.error is not None:
         return
     try:
         state.target = shared.sd_model

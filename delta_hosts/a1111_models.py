@@ -21,15 +21,18 @@ from .files import find_checkpoint, read_weights, split_title  # noqa: F401 - re
 from .generation import encode_prompts, loading_source
 
 
+def flag_format(model: Any) -> latent.LatentFormat | None:
+    """Latent format from the WebUI's is_sd* flags, which every host's model objects carry; None if unset."""
+    for flag, fmt in (("is_sd3", latent.SD3), ("is_sdxl", latent.SDXL), ("is_sd2", latent.SD2),
+                      ("is_sd1", latent.SD1)):
+        if getattr(model, flag, False):
+            return fmt
+    return None
+
+
 def target_format(model: Any) -> latent.LatentFormat:
     """The latent format of an A1111 model object (the active one or a source)."""
-    if getattr(model, "is_sd3", False):
-        return latent.SD3
-    if getattr(model, "is_sdxl", False):
-        return latent.SDXL
-    if getattr(model, "is_sd2", False):
-        return latent.SD2
-    return latent.SD1
+    return flag_format(model) or latent.SD1
 
 
 @dataclass

@@ -19,7 +19,7 @@ from lib_delta import DeltaError, schedules
 from lib_delta.delta import DeltaRun, StepInput
 from lib_delta.spec import DeltaSettings
 
-from . import FORGE, HOST
+from . import FORGE, HOST, generation
 from .generation import (
     PATCHED_UNETS,
     STATE_ATTR,
@@ -28,7 +28,6 @@ from .generation import (
     as_delta_error,
     build_pair,
     fail,
-    guard_sampler,
     prepare,
 )
 
@@ -52,14 +51,8 @@ def start(p: Any, settings: DeltaSettings) -> None:
 
 def begin_pass(p: Any) -> None:
     """Script.process_before_every_sampling: patch a clone of this pass's target UNet. Idempotent."""
-    state: Prepared | None = getattr(p, STATE_ATTR, None)
+    state = generation.begin_pass(p, end_pass)
     if state is None:
-        return
-    guard_sampler(p, state, lambda: unpatch(state))
-    unpatch(state)
-    state.run = None
-    state.host.pop("step", None)
-    if state.error is not None:
         return
     try:
         target = p.sd_model
@@ -94,20 +87,21 @@ def _strip(unet: Any) -> None:
         m for m in unet.extra_model_patchers_during_sampling if not getattr(m, DS_TAG, False)]
 
 
-def unpatch(state: Prepared) -> None:
-    """Put the pass's original UNet patcher back if ours is still installed."""
+def end_pass(state: Prepared) -> None:
+    """Put the pass's original UNet patcher back if ours is still installed; forget the pass's step."""
     objects, original, patched = state.host.pop("patch", (None, None, None))
     if objects is not None and objects.unet is patched:
         objects.unet = original
     if patched is not None:
         _strip(patched)
+    state.host.pop("step", None)
 
 
 def finish(p: Any) -> None:
     """Script.postprocess."""
     state: Prepared | None = getattr(p, STATE_ATTR, None)
     if state is not None:
-        unpatch(state)
+        end_pass(state)
     setattr(p, STATE_ATTR, None)
 
 

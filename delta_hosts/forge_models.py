@@ -28,23 +28,19 @@ from modules import shared
 from lib_delta import DeltaError, latent, logger
 
 from . import files
+from .a1111_models import flag_format
 from .generation import PATCHED_UNETS, encode_prompts, loading_source, trim_heap
 
 
 def target_format(engine: Any) -> latent.LatentFormat:
     """Latent format of a Forge engine (the active one or a source)."""
     name = type(engine).__name__
-    if name in ("Flux", "Chroma"):
+    if name in ("Flux", "Chroma"):  # Forge sets no flag for these
         return latent.FLUX
-    if getattr(engine, "is_sd3", False):
-        return latent.SD3
-    if getattr(engine, "is_sdxl", False):
-        return latent.SDXL
-    if getattr(engine, "is_sd2", False):
-        return latent.SD2
-    if getattr(engine, "is_sd1", False):
-        return latent.SD1
-    raise DeltaError(f"Delta Sampling does not know the latent format of a {name} model.")
+    fmt = flag_format(engine)
+    if fmt is None:
+        raise DeltaError(f"Delta Sampling does not know the latent format of a {name} model.")
+    return fmt
 
 
 def read_weights(filename: str) -> dict[str, torch.Tensor]:

@@ -193,11 +193,22 @@ def skips_uncond(denoiser: Any, sigma: torch.Tensor) -> bool:
     return bool((denoiser.step % 2 or opts.s_min_uncond_all) and s_min > 0 and sigma[0] < s_min)
 
 
+def begin_pass(p: Any, end_pass: Callable[[Prepared], None]) -> Prepared | None:
+    """The start of every process_before_every_sampling: guard the sampler, end what the previous pass
+    left (`end_pass(state)` also runs after each sampler call), drop its run. Returns the state to build
+    this pass on, or None when DS is off for `p` or has already failed."""
+    state: Prepared | None = getattr(p, STATE_ATTR, None)
+    if state is None:
+        return None
+    guard_sampler(p, state, lambda: end_pass(state))
+    end_pass(state)
+    state.run = None
+    return None if state.error is not None else state
+
+
 def refuse_pass(p: Any) -> None:
     """On a host without an adapter: a generation with DS on fails at the sampler, as any DS error does."""
-    state: Prepared | None = getattr(p, STATE_ATTR, None)
-    if state is not None:
-        guard_sampler(p, state, lambda: None)
+    begin_pass(p, lambda state: None)
 
 
 def encode_prompts(model: Any, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
