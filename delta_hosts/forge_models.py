@@ -63,22 +63,23 @@ class ForgeLora:
 
     @contextlib.contextmanager
     def enabled(self) -> Iterator[None]:
+        """Per forward: attach the UNet patches; the CLIP clone is swapped in, attached only by `encode`."""
         engine = self.source.engine
         base_clip = engine.forge_objects.clip
         engine.forge_objects.clip = self.clip
         try:
-            _attach(self.unet, self.source.unet)
-            _attach(self.clip.patcher, base_clip.patcher)
+            _attach(self.unet)
             yield
         finally:
             engine.forge_objects.clip = base_clip
             self.source.unet.refresh_loras()
-            base_clip.patcher.refresh_loras()
+            base_clip.patcher.refresh_loras()  # returns at once unless an encode attached the LoRA
 
 
-def _attach(patcher: Any, base: Any) -> None:
-    device = next(base.model.parameters()).device
-    dtype = getattr(base.model, "computation_dtype", None)
+def _attach(patcher: Any) -> None:
+    """Move a clone's online patches to its (shared) module's device and make them the active ones."""
+    device = next(patcher.model.parameters()).device
+    dtype = getattr(patcher.model, "computation_dtype", None)
     nested_move_to_device(patcher.lora_patches, device=device, **({"dtype": dtype} if dtype else {}))
     patcher.refresh_loras()
 
@@ -108,6 +109,7 @@ class SourceModel:
     def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
                width: int, height: int) -> tuple[Any, Any]:
         self.engine.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))
+        _attach(self.engine.forge_objects.clip.patcher)  # the LoRA clone inside ForgeLora.enabled
         return encode_prompts(self.engine, prompts, negatives, steps, hires_steps, width, height)
 
     def lora(self, filename: str, multiplier: float) -> ForgeLora:
