@@ -3,7 +3,7 @@ functions), inpaint blend, on_cfg_after_cfg. on_cfg_denoised never fires."""
 
 import torch
 from backend.sampling.sampling_function import sampling_function
-from modules import prompt_parser, sd_samplers_common, shared
+from modules import a1111_fake, prompt_parser, sd_samplers_common, shared
 from modules.script_callbacks import (
     AfterCFGCallbackParams,
     CFGDenoiserParams,
@@ -11,21 +11,10 @@ from modules.script_callbacks import (
     cfg_denoiser_callback,
 )
 
+_a1111 = a1111_fake.load("sd_samplers_cfg_denoiser")
 
-class CFGDenoiser(torch.nn.Module):
-    def __init__(self, sampler):
-        super().__init__()
-        self.model_wrap = None
-        self.mask = self.nmask = self.init_latent = None
-        self.steps = self.total_steps = None
-        self.step = 0
-        self.sampler = sampler
-        self.p = None
 
-    @property
-    def inner_model(self):
-        raise NotImplementedError
-
+class CFGDenoiser(_a1111.CFGDenoiser):
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         state = shared.state
         if state.interrupted or state.skipped:

@@ -76,6 +76,14 @@ def _noise(p, n, shape):
     return torch.randn((p.batch_size, *shape), generator=torch.Generator().manual_seed(p.seed + 7919 * n))
 
 
+def _start_batch(p):
+    """Where a batch begins (after its prompts are set). Nothing on A1111; the Forge fakes reset here."""
+
+
+def _before_every_sampling(p, hires, **kwargs):
+    _hook(p, "process_before_every_sampling", **kwargs)
+
+
 def process_images(p):
     _hook(p, "process")
     samples = []
@@ -84,6 +92,7 @@ def process_images(p):
         p.prompts = all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
         p.negative_prompts = [p.negative_prompt] * p.batch_size
         p.hr_prompts, p.hr_negative_prompts = p.prompts, p.negative_prompts
+        _start_batch(p)
         config = sd_samplers.find_sampler_config(p.sampler_name)
         p.firstpass_steps = config.total_steps(p.steps)
         c, uc = _conds(p, p.prompts, p.negative_prompts, p.firstpass_steps)
@@ -91,10 +100,10 @@ def process_images(p):
         shape = (4, p.height // 8, p.width // 8)
         x = _noise(p, n, shape)
         if p.init_latent is not None:
-            _hook(p, "process_before_every_sampling", x=p.init_latent, noise=x, c=c, uc=uc)
+            _before_every_sampling(p, False, x=p.init_latent, noise=x, c=c, uc=uc)
             out = p.sampler.sample_img2img(p, p.init_latent, x, c, uc, image_conditioning=_dummy_image_cond(x))
         else:
-            _hook(p, "process_before_every_sampling", x=x, noise=x, c=c, uc=uc)
+            _before_every_sampling(p, False, x=x, noise=x, c=c, uc=uc)
             out = p.sampler.sample(p, x, c, uc, image_conditioning=_dummy_image_cond(x))
         if p.enable_hr:
             out = _hires(p, n, out)
@@ -112,7 +121,7 @@ def _hires(p, n, samples):
     config = sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
     hr_c, hr_uc = _conds(p, p.hr_prompts, p.hr_negative_prompts, p.firstpass_steps, config.total_steps(p.hr_second_pass_steps or p.steps))
     noise = torch.randn(samples.shape, generator=torch.Generator().manual_seed(p.seed + 31 * n + 1))
-    _hook(p, "process_before_every_sampling", x=samples, noise=noise, c=hr_c, uc=hr_uc)
+    _before_every_sampling(p, True, x=samples, noise=noise, c=hr_c, uc=hr_uc)
     out = p.sampler.sample_img2img(p, samples, noise, hr_c, hr_uc, steps=p.hr_second_pass_steps or p.steps,
                                    image_conditioning=_dummy_image_cond(samples))
     p.is_hr_pass = False

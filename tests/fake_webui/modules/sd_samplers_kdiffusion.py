@@ -19,10 +19,12 @@ class CFGDenoiserKDiffusion(CFGDenoiser):
 
 
 class KDiffusionSampler:
+    denoiser_class = CFGDenoiserKDiffusion
+
     def __init__(self, name, sd_model):
         self.config = sd_samplers.find_sampler_config(name)
         self.func = getattr(k_diffusion.sampling, FUNCS[name])
-        self.model_wrap_cfg = CFGDenoiserKDiffusion(self)
+        self.model_wrap_cfg = self.denoiser_class(self)
         self.last_latent = None
 
     @property
