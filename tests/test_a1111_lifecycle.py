@@ -149,16 +149,22 @@ def test_non_finite_delta_stops_the_generation(webui):
     run_fails(webui, ds(adapter_kind="checkpoint", adapter="broken"), "non-finite")
 
 
-def test_interrupt_mid_sampling_leaves_nothing_behind(webui):
-    write_lora(webui)
+def interrupt_at_call(host, n: int, register) -> list:
+    """Register (with `register`, an on_cfg_* function) a callback that interrupts at its n-th call."""
     calls = []
 
-    def interrupt_at_step_three(params):
+    def interrupt(params):
         calls.append(1)
-        if len(calls) == 3:
-            webui.shared.state.interrupted = True
+        if len(calls) == n:
+            host.shared.state.interrupted = True
 
-    webui.callbacks.on_cfg_after_cfg(interrupt_at_step_three)
+    register(interrupt)
+    return calls
+
+
+def test_interrupt_mid_sampling_leaves_nothing_behind(webui):
+    write_lora(webui)
+    calls = interrupt_at_call(webui, 3, webui.callbacks.on_cfg_after_cfg)
     before = registered(webui)
     _, p, _ = generate(webui, lora_ds(), steps=8)
     assert len(calls) == 3

@@ -9,7 +9,7 @@ import weakref
 import pytest
 import safetensors.torch
 import torch
-from test_a1111_lifecycle import lora_ds, write_lora
+from test_a1111_lifecycle import interrupt_at_call, lora_ds, write_lora
 from test_a1111_sampling import PROMPT, ds, generate
 
 from lib_delta import DeltaError
@@ -111,9 +111,9 @@ def test_online_lora_never_touches_the_source_weights(forge):
     assert forge.loader.loads == [forge.checkpoints["sd15_a"].filename]  # loaded once, cached
 
 
-def test_hook_called_twice_never_applies_ds_twice(forge):
-    once, _, _ = generate(forge, ds(strength=2.0))
-    original = forge.adapter.begin_pass
+def generate_calling_the_hook_twice(host, settings):
+    """Generate with process_before_every_sampling run twice per pass; each call leaves one DS patch."""
+    original = host.adapter.begin_pass
 
     def twice(p):
         original(p)
@@ -121,12 +121,16 @@ def test_hook_called_twice_never_applies_ds_twice(forge):
         unet = p.sd_model.forge_objects.unet
         assert len(ds_functions(unet)) == 1 and len(unet.extra_model_patchers_during_sampling) == 1
 
-    forge.module.ADAPTER.begin_pass = twice
+    host.module.ADAPTER.begin_pass = twice
     try:
-        doubled, _, _ = generate(forge, ds(strength=2.0))
+        return generate(host, settings)[0]
     finally:
-        forge.module.ADAPTER.begin_pass = original
-    assert torch.equal(once, doubled)
+        host.module.ADAPTER.begin_pass = original
+
+
+def test_hook_called_twice_never_applies_ds_twice(forge):
+    once, _, _ = generate(forge, ds(strength=2.0))
+    assert torch.equal(once, generate_calling_the_hook_twice(forge, ds(strength=2.0)))
 
 
 def test_hires_pass_is_patched_once_per_pass(forge):
@@ -205,14 +209,7 @@ def test_ckpt_source_is_read_weights_only(forge, tmp_path):
 
 
 def test_interrupt_mid_sampling_leaves_the_host_clean(forge):
-    calls = []
-
-    def interrupt_at_third_call(params):
-        calls.append(1)
-        if len(calls) == 3:
-            forge.shared.state.interrupted = True
-
-    forge.callbacks.on_cfg_denoiser(interrupt_at_third_call)
+    calls = interrupt_at_call(forge, 3, forge.callbacks.on_cfg_denoiser)
     try:
         out, p, _ = generate(forge, ds(strength=2.0))
     finally:

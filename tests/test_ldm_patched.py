@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 from test_a1111_lifecycle import lora_ds, write_lora
 from test_a1111_sampling import PROMPT, ds, generate
-from test_forge import assert_host_clean
+from test_forge import assert_host_clean, generate_calling_the_hook_twice
 
 from lib_delta import DeltaError
 
@@ -65,18 +65,7 @@ def test_two_copies_load_with_the_target_and_are_released(ldm_patched):
 
 def test_hook_called_twice_never_applies_ds_twice(ldm_patched):
     once, _, _ = generate(ldm_patched, ds(strength=2.0))
-    original = ldm_patched.adapter.begin_pass
-
-    def twice(p):
-        original(p)
-        original(p)
-
-    ldm_patched.module.ADAPTER.begin_pass = twice
-    try:
-        doubled, _, _ = generate(ldm_patched, ds(strength=2.0))
-    finally:
-        ldm_patched.module.ADAPTER.begin_pass = original
-    assert torch.equal(once, doubled)
+    assert torch.equal(once, generate_calling_the_hook_twice(ldm_patched, ds(strength=2.0)))
 
 
 def test_wrong_architecture_lora_and_missing_source_fail_clearly(ldm_patched, tmp_path):
