@@ -29,7 +29,7 @@ from lib_delta import DeltaError, latent, logger
 
 from . import files
 from .a1111_models import flag_format
-from .generation import PATCHED_UNETS, encode_prompts, loading_source, trim_heap
+from .generation import encode_prompts, forget_modules, loading_source, trim_heap
 
 
 def target_format(engine: Any) -> latent.LatentFormat:
@@ -172,15 +172,9 @@ def _safe_reads(filename: str) -> Iterator[None]:
 
 def release(source: SourceModel) -> None:
     """Make a source engine really leave memory: Forge's loaded list, DS-patched UNets, then the heap."""
-    modules = {id(source.unet.model), id(source.engine.forge_objects.clip.cond_stage_model)}
-    loaded = memory_management.current_loaded_models
-    for entry in [m for m in loaded if id(getattr(m.model, "model", None)) in modules]:
-        loaded.remove(entry)
-        with contextlib.suppress(Exception):
-            entry.model_unload(avoid_model_moving=True)
-    for unet in list(PATCHED_UNETS):
-        unet.extra_model_patchers_during_sampling[:] = [
-            m for m in unet.extra_model_patchers_during_sampling if id(m.model) not in modules]
+    forget_modules(memory_management.current_loaded_models,
+                   [source.unet.model, source.engine.forge_objects.clip.cond_stage_model],
+                   lambda entry: entry.model_unload(avoid_model_moving=True))
     source.loras.clear()
     source.engine = None
     gc.collect()

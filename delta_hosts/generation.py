@@ -240,6 +240,19 @@ def loading_source(title: str) -> Iterator[None]:
         raise DeltaError(f"Delta Sampling: cannot build a model from '{title}': {e}") from e
 
 
+def forget_modules(loaded: list, modules: list[Any], unload: Callable[[Any], None]) -> None:
+    """Drop every reference a Forge-family host keeps to `modules` (a source's UNet and text encoder):
+    its loaded-model entries (unloaded with `unload`) and the DS-patched target UNets' extra patchers."""
+    ids = {id(m) for m in modules}
+    for entry in [m for m in loaded if id(getattr(getattr(m, "model", None), "model", None)) in ids]:
+        loaded.remove(entry)
+        with contextlib.suppress(Exception):
+            unload(entry)
+    for unet in list(PATCHED_UNETS):
+        unet.extra_model_patchers_during_sampling[:] = [
+            m for m in unet.extra_model_patchers_during_sampling if id(m.model) not in ids]
+
+
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
     with contextlib.suppress(OSError, AttributeError):

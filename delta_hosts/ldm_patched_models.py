@@ -25,9 +25,7 @@ from modules_forge import forge_loader
 from lib_delta import DeltaError, latent, logger
 
 from . import a1111_models, files
-from .generation import PATCHED_UNETS, encode_prompts, loading_source, trim_heap
-
-__all__ = ["PATCHED_UNETS", "SourceModel", "cached_source", "target_format"]
+from .generation import encode_prompts, forget_modules, loading_source, trim_heap
 
 
 def target_format(model: Any) -> latent.LatentFormat:
@@ -148,12 +146,5 @@ def _load_engine(info: Any) -> Engine:
 
 def _drop(engine: Engine) -> None:
     """Remove a copy's patchers from the fork's loaded list and from DS-patched target UNets."""
-    modules = {id(engine.unet.model), id(engine.clip.cond_stage_model)}
-    loaded = model_management.current_loaded_models
-    for entry in [m for m in loaded if id(getattr(getattr(m, "model", None), "model", None)) in modules]:
-        loaded.remove(entry)
-        with contextlib.suppress(Exception):
-            entry.model_unload()
-    for unet in list(PATCHED_UNETS):
-        unet.extra_model_patchers_during_sampling[:] = [
-            m for m in unet.extra_model_patchers_during_sampling if id(m.model) not in modules]
+    forget_modules(model_management.current_loaded_models, [engine.unet.model, engine.clip.cond_stage_model],
+                   lambda entry: entry.model_unload())
