@@ -59,7 +59,7 @@ class SourceModel:
         key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
         if key not in self.adapters:
             self.adapters.clear()
-            adapter = LoraAdapter.from_state_dict(read_weights(filename), self.model, multiplier)
+            adapter = LoraAdapter.from_state_dict(read_weights(filename, "LoRA"), self.model, multiplier)
             logger.info("LoRA %s on %s: %d keys matched", os.path.basename(filename), self.title, adapter.report.matched)
             self.adapters[key] = adapter
         return self.adapters[key]
@@ -68,16 +68,17 @@ class SourceModel:
         release(self)
 
 
-def cached_source(cache: Any, info: Any) -> SourceModel:
+def cached_source(cache: Any, info: Any, role: str = "source checkpoint") -> SourceModel:
     """The source model for a CheckpointInfo from `cache`, keyed by file and hash; loaded on a miss."""
-    return cache.get(("ckpt", info.filename, info.shorthash or info.hash), lambda: load_source(info))
+    return cache.get(("ckpt", info.filename, info.shorthash or info.hash), lambda: load_source(info, role))
 
 
-def load_source(info: Any) -> SourceModel:
+def load_source(info: Any, role: str = "source checkpoint") -> SourceModel:
     """Load a checkpoint as an independent model in the host's device and UNet dtype."""
-    logger.info("loading source model %s", info.title)
+    weights = read_weights(info.filename, role)
+    logger.info("loading %s %s", role, info.title)
     with loading_source(info.title):
-        model = _instantiate(info, read_weights(info.filename))
+        model = _instantiate(info, weights)
     fmt = target_format(model)
     unet_in = getattr(model.model.diffusion_model, "in_channels", fmt.channels)
     if unet_in != fmt.channels:

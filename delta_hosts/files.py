@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from lib_delta import DeltaError
-from lib_delta.lora import read_safetensors
+from lib_delta import DeltaError, weights
 
 
 def split_title(title: str) -> tuple[str, str | None]:
@@ -36,18 +37,29 @@ def find_checkpoint(title: str) -> Any:
     return info
 
 
-def read_weights(filename: str) -> dict[str, torch.Tensor]:
-    """safetensors are parsed directly; anything else goes through the host's safe unpickler."""
-    from modules import sd_models
+def read_weights(filename: str, role: str) -> dict[str, torch.Tensor]:
+    """The tensors of a file chosen as `role`, read before any host loader sees it and without running
+    code: safetensors validated and parsed, pickles weights-only (lib_delta.weights)."""
+    return weights.read_weights(filename, role, pickle_fallback=_restricted_unpickle)
 
-    if not os.path.isfile(filename):
-        raise DeltaError(f"Delta Sampling: file is missing: {filename}")
-    if filename.lower().endswith(".safetensors"):
-        return read_safetensors(filename)
+
+def _restricted_unpickle(filename: str) -> Any:
+    """For torch < 2.4 only: the host's restricted unpickler (A1111's modules.safe, which Forge and its
+    forks keep) reads the whole pickle, whatever --disable-safe-unpickle says."""
     try:
-        return sd_models.read_state_dict(filename, map_location="cpu")
-    except Exception as e:
-        raise DeltaError(f"Delta Sampling: cannot read {os.path.basename(filename)}: {e}") from e
+        from modules import safe
+
+        unpickler = safe.RestrictedUnpickler
+    except (ImportError, AttributeError):
+        raise weights.WeightFileError(f"Delta Sampling: {os.path.basename(filename)} cannot be read safely by this "
+                                      "PyTorch (2.4+ is needed). " + weights.CONVERT_HINT) from None
+    restricted = SimpleNamespace(Unpickler=unpickler, load=lambda f, **kw: unpickler(f, **kw).load(),
+                                 __name__="restricted_pickle")
+    try:
+        with open(filename, "rb") as f:
+            return torch.serialization.load(f, map_location="cpu", pickle_module=restricted, weights_only=False)
+    except Exception as e:  # the unpickler raises a plain Exception for a forbidden global
+        raise pickle.UnpicklingError(str(e)) from e
 
 
 def find_lora(name: str) -> tuple[str, str]:

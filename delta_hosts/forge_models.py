@@ -22,10 +22,11 @@ from backend import loader, memory_management
 from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
 from backend.sampling.condition import compile_conditions
 from backend.sampling.sampling_function import calc_cond_uncond_batch
-from backend.utils import load_torch_file, nested_move_to_device
+from backend.utils import nested_move_to_device
 from modules import shared
 
 from lib_delta import DeltaError, latent, logger
+from lib_delta.lora import check_host_patches
 
 from . import files
 from .a1111_models import flag_format
@@ -41,16 +42,6 @@ def target_format(engine: Any) -> latent.LatentFormat:
     if fmt is None:
         raise DeltaError(f"Delta Sampling does not know the latent format of a {name} model.")
     return fmt
-
-
-def read_weights(filename: str) -> dict[str, torch.Tensor]:
-    """safetensors directly; anything else with Forge's weights-only torch.load."""
-    if filename.lower().endswith(".safetensors"):
-        return files.read_weights(filename)
-    try:
-        return load_torch_file(filename, safe_load=True)
-    except Exception as e:
-        raise DeltaError(f"Delta Sampling: cannot read {os.path.basename(filename)} safely: {e}") from e
 
 
 @dataclass
@@ -124,14 +115,13 @@ class SourceModel:
 
 
 def _load_lora(source: SourceModel, filename: str, multiplier: float) -> ForgeLora:
-    weights = read_weights(filename)
+    weights = files.read_weights(filename, "LoRA")
     clip = source.engine.forge_objects.clip
     unet_patches, rest = load_lora(weights, model_lora_keys_unet(source.unet.model, {}))
     clip_patches, rest = load_lora(rest, model_lora_keys_clip(clip.cond_stage_model, {}))
     name = os.path.basename(filename)
-    if not unet_patches and not clip_patches:
-        raise DeltaError(f"Delta Sampling: LoRA '{name}' does not fit the source '{source.title}' "
-                         f"(0 of {len(weights)} keys matched): it was made for another architecture.")
+    check_host_patches(name, source.title, len(weights), rest, [
+        (unet_patches, source.unet.model.state_dict()), (clip_patches, clip.cond_stage_model.state_dict())])
     unet, lora_clip = source.unet.clone(), clip.clone()
     loaded = unet.add_patches(filename=filename, patches=unet_patches, strength_patch=multiplier, online_mode=True)
     loaded |= lora_clip.add_patches(filename=filename, patches=clip_patches, strength_patch=multiplier,
@@ -142,14 +132,15 @@ def _load_lora(source: SourceModel, filename: str, multiplier: float) -> ForgeLo
     return ForgeLora(source, unet, lora_clip)
 
 
-def cached_source(cache: Any, info: Any) -> SourceModel:
-    return cache.get(("forge", info.filename, info.shorthash or info.hash), lambda: load_source(info))
+def cached_source(cache: Any, info: Any, role: str = "source checkpoint") -> SourceModel:
+    return cache.get(("forge", info.filename, info.shorthash or info.hash), lambda: load_source(info, role))
 
 
-def load_source(info: Any) -> SourceModel:
+def load_source(info: Any, role: str = "source checkpoint") -> SourceModel:
     """`forge_loader` into an independent engine; never `forge_model_reload`, which replaces the target."""
-    logger.info("loading source model %s", info.title)
-    with loading_source(info.title), _safe_reads(info.filename):
+    weights = files.read_weights(info.filename, role)
+    logger.info("loading %s %s", role, info.title)
+    with loading_source(info.title), _tensors_for(info.filename, weights):
         engine = loader.forge_loader(info.filename)
     if engine is None:
         raise DeltaError(f"Delta Sampling: Forge does not recognize the model type of '{info.title}'.")
@@ -157,12 +148,10 @@ def load_source(info: Any) -> SourceModel:
 
 
 @contextlib.contextmanager
-def _safe_reads(filename: str) -> Iterator[None]:
-    """Forge unpickles .ckpt files with a permissive pickler; hand it a weights-only read instead."""
-    if filename.lower().endswith(".safetensors"):
-        yield
-        return
-    weights, original = read_weights(filename), loader.load_torch_file
+def _tensors_for(filename: str, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """`forge_loader` takes a path: let its file read return the tensors we read safely instead. Forge's
+    own reads unpickle .ckpt files permissively and rename a file they fail on."""
+    original = loader.load_torch_file
     loader.load_torch_file = lambda ckpt, *a, **k: weights if ckpt == filename else original(ckpt, *a, **k)
     try:
         yield

@@ -74,7 +74,7 @@ def prepare(p: Any, settings: DeltaSettings, models: ModuleType | None, unsuppor
         state.source = models.cached_source(CACHE, info)
         if settings.adapter_kind == "checkpoint":
             ainfo = files.find_checkpoint(settings.adapter)
-            state.adapted = models.cached_source(CACHE, ainfo)
+            state.adapted = models.cached_source(CACHE, ainfo, "adapter checkpoint")
             if state.adapted.latent_format != state.source.latent_format:
                 raise DeltaError("Delta Sampling: the adapter checkpoint is not the same architecture as the source.")
             settings = settings.replace(adapter=ainfo.title)

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from ldm_patched.modules import lora as fork_lora
 from ldm_patched.modules import model_management
 from ldm_patched.modules.sd import load_lora_for_models
 from modules_forge import forge_loader
 
 from lib_delta import DeltaError, latent, logger
+from lib_delta.lora import check_host_patches
 
 from . import a1111_models, files
 from .generation import encode_prompts, forget_modules, loading_source, trim_heap
@@ -109,10 +111,11 @@ class SourceModel:
 
 
 def _load_lora(source: SourceModel, filename: str, multiplier: float) -> TwoEngineLora:
-    weights = files.read_weights(filename)
-    copy = _load_engine(source.info)
-    unet, clip = load_lora_for_models(copy.unet, copy.clip, weights, multiplier, multiplier, filename)
+    weights = files.read_weights(filename, "LoRA")
     name = os.path.basename(filename)
+    _check_lora(source, name, weights)
+    copy = _load_engine(source.info, files.read_weights(source.info.filename, "source checkpoint"))
+    unet, clip = load_lora_for_models(copy.unet, copy.clip, weights, multiplier, multiplier, filename)
     if unet is copy.unet and clip is copy.clip:
         _drop(copy)
         raise DeltaError(f"Delta Sampling: LoRA '{name}' does not fit the source '{source.title}': "
@@ -123,22 +126,32 @@ def _load_lora(source: SourceModel, filename: str, multiplier: float) -> TwoEngi
     return TwoEngineLora(source, copy)
 
 
-def cached_source(cache: Any, info: Any) -> SourceModel:
-    return cache.get(("ldm_patched", info.filename, info.shorthash or info.hash), lambda: load_source(info))
+def _check_lora(source: SourceModel, name: str, weights: dict[str, torch.Tensor]) -> None:
+    """The fork matches LoRA keys by name only and skips misfits silently: check shapes first."""
+    unet, clip = source.base.unet, source.base.clip
+    unet_patches, rest = fork_lora.load_lora(weights, fork_lora.model_lora_keys_unet(unet.model, {}))
+    clip_patches, rest = fork_lora.load_lora(rest, fork_lora.model_lora_keys_clip(clip.cond_stage_model, {}))
+    check_host_patches(name, source.title, len(weights), rest, [
+        (unet_patches, unet.model.state_dict()), (clip_patches, clip.cond_stage_model.state_dict())])
 
 
-def load_source(info: Any) -> SourceModel:
-    logger.info("loading source model %s", info.title)
-    engine = _load_engine(info)
+def cached_source(cache: Any, info: Any, role: str = "source checkpoint") -> SourceModel:
+    return cache.get(("ldm_patched", info.filename, info.shorthash or info.hash), lambda: load_source(info, role))
+
+
+def load_source(info: Any, role: str = "source checkpoint") -> SourceModel:
+    weights = files.read_weights(info.filename, role)
+    logger.info("loading %s %s", role, info.title)
+    engine = _load_engine(info, weights)
     return SourceModel(info.title, engine, target_format(engine.model), info)
 
 
-def _load_engine(info: Any) -> Engine:
+def _load_engine(info: Any, weights: dict[str, torch.Tensor]) -> Engine:
     """`load_model_for_a1111` builds a model object without touching the active one."""
     from modules import timer
 
     with loading_source(info.title):
-        model = forge_loader.load_model_for_a1111(timer.Timer(), info, files.read_weights(info.filename))
+        model = forge_loader.load_model_for_a1111(timer.Timer(), info, weights)
     if isinstance(model, torch.nn.Module):
         model.eval()
     return Engine(model, model.forge_objects.unet, model.forge_objects.clip)

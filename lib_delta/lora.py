@@ -14,7 +14,7 @@ import functools
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -450,3 +450,65 @@ def _merge(patch: _Patch, module: nn.Module, multiplier: float) -> tuple[torch.T
             return merged, None
         bias = module.bias
         return merged, bias_delta if bias is None else bias + bias_delta
+
+
+# ---------------------------------------------------------------- host (ComfyUI-style) patches
+
+_COMFY_PARTS = {
+    "lora": ("lora_up.weight", "lora_down.weight", "alpha", "lora_mid.weight", "dora_scale"),
+    "loha": ("hada_w1_a", "hada_w1_b", "alpha", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "dora_scale"),
+    "lokr": ("lokr_w1", "lokr_w2", "alpha", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+             "dora_scale"),
+    "diff": ("diff",),
+}  # fmt: skip
+
+
+def host_patch_misfit(patch: tuple, weight_shape: Shape) -> str | None:
+    """Why a Forge/ComfyUI-style LoRA patch `(kind, (tensors...))` cannot apply to a weight of this shape,
+    or None when it fits (or is a kind this check does not know, which the host handles itself)."""
+    kind, values = patch if len(patch) == 2 and isinstance(patch[0], str) else ("diff", patch)
+    names = _COMFY_PARTS.get(kind)
+    if names is None:
+        return None
+    shapes = {n: tuple(v.shape) for n, v in zip(names, values, strict=False)
+              if isinstance(v, torch.Tensor) and n != "alpha"}
+    try:
+        _check_shapes("full" if kind == "diff" else kind, shapes, tuple(weight_shape))
+    except (KeyError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def patch_key_count(patch: tuple) -> int:
+    """How many file keys one host patch was built from (its tensors, and its alpha)."""
+    values = patch[1] if len(patch) == 2 and isinstance(patch[0], str) else patch
+    return sum(isinstance(v, torch.Tensor) for v in values) + (len(values) > 2 and values[2] is not None)
+
+
+def check_host_patches(name: str, source: str, total: int, unmatched_names: Iterable[str],
+                       groups: Iterable[tuple[dict, Mapping[str, torch.Tensor]]]) -> KeyReport:
+    """Refuse a LoRA that a host's loader matched by key names only: every patch must also fit the shape
+    of its weight (`groups`: host patches and the state dict they target). Raises LoraError with counts."""
+    matched, misfits = 0, []
+    for patches, state in groups:
+        for key, patch in patches.items():
+            weight_key, offset = (key[0], key[1]) if isinstance(key, tuple) else (key, None)
+            weight = state.get(weight_key)
+            shape = None if weight is None else tuple(weight.shape)
+            if shape is not None and offset is not None:  # (dim, start, length): a slice of the weight
+                shape = (*shape[: offset[0]], offset[2], *shape[offset[0] + 1 :])
+            why = "no such weight" if shape is None else host_patch_misfit(patch, shape)
+            if why is None:
+                matched += patch_key_count(patch)
+            else:
+                misfits.append((weight_key, patch_key_count(patch)))
+    rest = list(unmatched_names)
+    unmatched = len(rest) + sum(n for _, n in misfits)
+    examples = tuple(dict.fromkeys([k for k, _ in misfits] + rest))[:_EXAMPLES]
+    report = KeyReport(matched, unmatched, 0, examples)
+    if misfits or not matched:
+        shapes = f", {len(misfits)} with shapes that do not fit" if misfits else ""
+        raise LoraError(f"Delta Sampling: LoRA '{name}' does not fit the source '{source}': {matched} of {total} "
+                        f"keys matched, {unmatched} unmatched{shapes} (e.g. {', '.join(examples)}). "
+                        "It was made for another architecture.")
+    return report

@@ -68,10 +68,10 @@ def webui(tmp_path, monkeypatch):
 
         loads: list[str] = []
 
-        def load_tiny_source(info):
+        def load_tiny_source(info, role="source checkpoint"):
             loads.append(info.title)
             model = TinyLDM()
-            model.load_state_dict(a1111_models.read_weights(info.filename))
+            model.load_state_dict(a1111_models.read_weights(info.filename, role))
             model.eval().requires_grad_(False)
             return a1111_models.SourceModel(info.title, model, a1111_models._denoiser(model),
                                             a1111_models.target_format(model))
@@ -95,7 +95,12 @@ def _forge_host(tmp_path, fakes, host):
 
     modules.__path__.insert(0, str(FAKE_FORGE / "modules"))
     import delta_hosts
+    import modules_forge
 
+    modules_forge.__path__.append(str(FAKE_FORGE / "modules_forge"))
+    from modules_forge import patch_basic
+
+    patch_basic.patch_all_basics()  # Forge wraps torch.load and safetensors' load_file at start-up
     delta_hosts.HOST = host  # both fake hosts are importable here; detection is tested on its own
     from modules import sd_models, shared
 
@@ -161,6 +166,9 @@ def ldm_patched(tmp_path):
 
 
 def _unload(fakes) -> None:
+    patch_basic = sys.modules.get("modules_forge.patch_basic")
+    if patch_basic is not None:
+        patch_basic.unpatch_all_basics()
     for path in fakes:
         sys.path.remove(str(path))
     _purge()

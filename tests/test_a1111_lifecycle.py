@@ -106,16 +106,17 @@ def test_lora_for_another_architecture_is_refused_with_counts(webui):
     run_fails(webui, lora_ds(), r"3 of 6 keys matched, 3 unmatched")
 
 
-def test_non_safetensors_lora_goes_through_the_host_loader(webui):
+def test_non_safetensors_lora_is_read_weights_only_before_any_host_loader(webui):
     path = write_lora(webui)
+    via_safetensors, _, _ = generate(webui, lora_ds())
     pt_path = webui.tmp / "style_pt.pt"
     torch.save(safetensors.torch.load_file(path), pt_path)
     webui.networks.register("style", str(pt_path), shorthash="000000000003")
-    on, _, _ = generate(webui, lora_ds())
-    assert webui.sd_models.safe_loads == [str(pt_path)]
+    via_pt, _, _ = generate(webui, lora_ds())
+    assert torch.equal(via_pt, via_safetensors) and webui.sd_models.safe_loads == []
     pt_path.write_bytes(b"not a pickle")
     webui.a1111.CACHE.clear()
-    run_fails(webui, lora_ds(), "cannot read style_pt.pt")
+    run_fails(webui, lora_ds(), "LoRA 'style_pt.pt' is corrupt")
 
 
 def test_out_of_memory_while_loading_the_source(webui, monkeypatch):

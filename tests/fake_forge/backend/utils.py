@@ -1,4 +1,5 @@
-"""backend/utils.py: load_torch_file (safetensors, or torch.load weights_only when safe_load)."""
+"""backend/utils.py: load_torch_file. As in Forge, `safe_load` only takes effect when torch.load's code
+names `weights_only`; under Forge's start-up wrapper it does not, so pickles are read permissively."""
 
 import safetensors.torch
 import torch
@@ -9,9 +10,14 @@ unsafe_loads: list[str] = []
 def load_torch_file(ckpt, safe_load=False, device=None):
     if ckpt.lower().endswith(".safetensors"):
         return safetensors.torch.load_file(ckpt, device="cpu")
-    if not safe_load:
-        unsafe_loads.append(ckpt)  # Forge uses a permissive pickle module here
-    sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if safe_load and "weights_only" not in torch.load.__code__.co_varnames:
+        print("Warning torch.load doesn't support weights_only on this pytorch version, loading unsafely.")
+        safe_load = False
+    if safe_load:
+        sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+    else:
+        unsafe_loads.append(ckpt)
+        sd = torch.load(ckpt, map_location="cpu", weights_only=False)  # Forge: its permissive pickle module
     return sd.get("state_dict", sd)
 
 
