@@ -49,10 +49,12 @@ def _restricted_unpickle(filename: str) -> Any:
     try:
         from modules import safe
 
-        unpickler = safe.RestrictedUnpickler
+        find_class = safe.RestrictedUnpickler.find_class
     except (ImportError, AttributeError):
         raise weights.WeightFileError(f"Delta Sampling: {os.path.basename(filename)} cannot be read safely by this "
                                       "PyTorch (2.4+ is needed). " + weights.CONVERT_HINT) from None
+    # only its allowlist: torch's loader supplies the storages (A1111's own persistent_load only checks)
+    unpickler = type("RestrictedLoad", (pickle.Unpickler,), {"find_class": find_class, "extra_handler": None})
     restricted = SimpleNamespace(Unpickler=unpickler, load=lambda f, **kw: unpickler(f, **kw).load(),
                                  __name__="restricted_pickle")
     try:

@@ -31,6 +31,8 @@ CONVERT_HINT = ("Use the model's .safetensors release, or convert the file to .s
 # Pickled checkpoints from PyTorch Lightning carry these harmless objects beside the weights; they are read
 # as inert placeholders (never imported) so that plain SD .ckpt files keep working.
 BENIGN_PICKLE_CLASSES = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",)
+NUMPY_GLOBALS = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype", "numpy.dtypes.")
+GLOBAL_IN_ERROR = re.compile(r"GLOBAL ([\w.]+)|global '([\w./]+)'")
 
 
 class WeightFileError(DeltaError):
@@ -58,7 +60,7 @@ def read_weights(path: str, role: str, pickle_fallback: Callable[[str], dict] | 
     except WeightFileError:
         raise
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)|global '([\w./]+)'", str(e))
+        found = GLOBAL_IN_ERROR.search(str(e))
         if not found and not re.search(r"call reduce|Can only build", str(e)):
             raise WeightFileError(f"Delta Sampling: the {role} '{name}' is corrupt or not a PyTorch weight file "
                                   "(its pickle cannot be read).") from e
@@ -137,7 +139,8 @@ def _read_pickle_weights_only(path: str) -> object:
             try:
                 return load(f, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
-                if any(cls in str(e) for cls in BENIGN_PICKLE_CLASSES):
+                found = GLOBAL_IN_ERROR.search(str(e))
+                if found and found[1] and found[1].startswith(BENIGN_PICKLE_CLASSES + NUMPY_GLOBALS):
                     raise _NeedsPlaceholders from e
                 raise
         with allow(_benign_globals()):

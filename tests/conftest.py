@@ -94,8 +94,9 @@ def _forge_host(tmp_path, fakes, host):
     import modules
 
     modules.__path__.insert(0, str(FAKE_FORGE / "modules"))
-    import delta_hosts
     import modules_forge
+
+    import delta_hosts
 
     modules_forge.__path__.append(str(FAKE_FORGE / "modules_forge"))
     from modules_forge import patch_basic
