@@ -6,6 +6,7 @@ hand over eps and integer timesteps; those are converted with the target's alpha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -47,9 +48,12 @@ def _per_image(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class SourcePair(Protocol):
-    """A base/adapted source pair. `denoise` returns CFG-combined x0 (source latent) for each image."""
+    """A base/adapted source pair. `denoise` returns CFG-combined x0 (source latent) for each image.
+    `sigma_max`: the highest noise level the source was trained on (VP sigma; inf for flow sources)."""
 
     latent_format: latent.LatentFormat
+    sigma_max: float
+    title: str
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, *, adapted: bool, step: int,
                 skip_uncond: bool) -> torch.Tensor: ...
@@ -71,6 +75,7 @@ class DeltaRun:
     settings: DeltaSettings
     pair: SourcePair
     target_format: latent.LatentFormat
+    target_title: str = ""
     alphas_cumprod: torch.Tensor | None = None  # set for timestep (eps) samplers
     nmask: torch.Tensor | None = None  # inpainting: 1 where the image may change
     pending: StepInput | None = None
@@ -79,7 +84,8 @@ class DeltaRun:
     history: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        latent.check_pair(self.pair.latent_format, self.target_format)
+        latent.check_pair(self.pair.latent_format, self.target_format, getattr(self.pair, "title", ""),
+                          self.target_title)
 
     def capture(self, step_input: StepInput) -> None:
         self.pending = step_input
@@ -113,9 +119,10 @@ class DeltaRun:
     def delta(self, x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, step: StepInput) -> torch.Tensor:
         """Delta in the target's latent space, from the source pair run on the target's state."""
         src = self.pair.latent_format
-        x_src = latent.to_source_input(x, x0, src, self.target_format)
+        limit = getattr(self.pair, "sigma_max", math.inf)
+        x_src, sigma_src = latent.source_state(x, x0, sigma, src, self.target_format, limit)
         kw = {"step": step.step, "skip_uncond": step.skip_uncond}
-        base = self.pair.denoise(x_src, sigma, adapted=False, **kw)
-        adapted = self.pair.denoise(x_src, sigma, adapted=True, **kw)
+        base = self.pair.denoise(x_src, sigma_src, adapted=False, **kw)
+        adapted = self.pair.denoise(x_src, sigma_src, adapted=True, **kw)
         delta = latent.delta_to_target(adapted - base, src, self.target_format)
         return require_finite(delta).to(x0.dtype)

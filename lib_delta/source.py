@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ class CfgSourcePair:
     base: Branch
     adapted: Branch
     cfg_scale: float
+    sigma_max: float = math.inf  # the source's highest trained noise level (VP sigma)
+    title: str = ""
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, *, adapted: bool, step: int,
                 skip_uncond: bool) -> torch.Tensor:

@@ -123,7 +123,9 @@ def test_single_step_delta_matches_formula_sd15_to_sdxl():
 
 def test_same_format_source_sees_exactly_x():
     x = torch.randn(SHAPE)
-    assert latent.to_source_input(x, torch.randn(SHAPE), latent.SD1, latent.SD2) is x
+    sigma = torch.full((SHAPE[0],), 3.0)
+    x_src, sigma_src = latent.source_state(x, torch.randn(SHAPE), sigma, latent.SD1, latent.SD2, 14.6)
+    assert x_src is x and sigma_src is sigma
 
 
 @pytest.mark.parametrize(("src", "tgt"), [(latent.SD1, latent.SD3), (latent.SD3, latent.SDXL), (latent.SD3, latent.FLUX)])
