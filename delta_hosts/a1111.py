@@ -43,7 +43,7 @@ def begin_pass(p: Any) -> None:
     try:
         state.target = shared.sd_model
         state.run = DeltaRun(state.settings, build_pair(p, state), models.target_format(shared.sd_model),
-                             alphas_cumprod=_timestep_alphas(p))
+                             generation.model_title(shared.sd_model), alphas_cumprod=_timestep_alphas(p))
     except Exception as e:
         fail(state, as_delta_error(e))
 

@@ -7,6 +7,7 @@ tag modules for the Lora extension, which would merge the prompt's <lora:...> in
 from __future__ import annotations
 
 import gc
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,13 @@ class SourceModel:
     denoiser: torch.nn.Module
     latent_format: latent.LatentFormat
     adapters: dict[tuple, LoraAdapter] = field(default_factory=dict)
+
+    @property
+    def sigma_max(self) -> float:
+        """The highest noise level it was trained on: its schedule's last sigma (huge with zero terminal SNR)."""
+        if self.latent_format.family == "flow":
+            return math.inf
+        return float(getattr(self.denoiser, "sigma_max", math.inf))
 
     def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
         cond_dict = cond if isinstance(cond, dict) else {"c_crossattn": [cond]}

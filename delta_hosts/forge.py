@@ -57,7 +57,8 @@ def begin_pass(p: Any) -> None:
     try:
         target = p.sd_model
         state.target = target
-        state.run = DeltaRun(state.settings, build_pair(p, state), models.target_format(target))
+        state.run = DeltaRun(state.settings, build_pair(p, state), models.target_format(target),
+                             target_title=generation.model_title(target))
         objects = target.forge_objects
         original = objects.unet
         patched = original.clone()

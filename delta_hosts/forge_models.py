@@ -1,18 +1,27 @@
-"""New Forge (`backend/`): independent source engines from `forge_loader`, prompts through each engine's
-own `get_learned_conditioning`, LoRAs through Forge's own loader in online mode.
+"""The `backend/` Forges (Forge, and Forge Neo's ComfyUI-style backend): independent source engines from
+`forge_loader`, prompts through each engine's own `get_learned_conditioning`, LoRAs through the host's
+own loader as online patches.
 
-LoRA choice ("online LoRA refreshed per forward"): the adapted branch is a clone of the source's UNet and
-CLIP patchers carrying `online_mode=True` patches. Forge merges online patches per layer inside each
-forward (backend.operations.get_weight_and_bias) and never writes them into the weights, so one module
-serves both branches; `refresh_loras()` before each branch attaches or detaches them. Half the memory
-of two engines; in fp32 it is exact (the same merge_lora_to_weight math as Forge's offline merge).
+LoRA choice ("online LoRA per forward"): the adapted branch is a clone of the source's UNet and CLIP
+patchers carrying `online_mode=True` patches, which the host merges per layer inside each forward and
+never writes into the weights, so one module serves both branches (half the memory of two engines; in
+fp32 exactly the host's offline merge). Forge attaches them with `refresh_loras()` (ForgeLora below);
+Neo's patchers have no such call, so neo_lora.NeoLora wires Neo's own LowVramPatch weight functions.
+
+The two backends differ in a few more places, decided by what the objects offer (never by version):
+Neo's `forge_loader` resets and rewrites the global `backend.args.dynamic_args` (saved and restored
+around every source load, encode and forward) and `model_unload` lost `avoid_model_moving`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
+import inspect
+import math
 import os
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,16 +41,83 @@ from . import files
 from .a1111_models import flag_format
 from .generation import encode_prompts, forget_modules, loading_source, trim_heap
 
+KNOWN_LATENTS = {"SD15": latent.SD1, "SDXL": latent.SDXL, "SD3": latent.SD3, "Flux": latent.FLUX,
+                 "Flux2": latent.FLUX2, "Wan21": latent.WAN21}  # huggingface_guess latent classes
+VIDEO_ENGINES = {"Wan": latent.WAN_VIDEO}  # 5-D latents: paired only with their own kind
+
 
 def target_format(engine: Any) -> latent.LatentFormat:
-    """Latent format of a Forge engine (the active one or a source)."""
+    """Latent format and noise schedule of a Forge engine (the active one or a source), from its model
+    config's latent class and its predictor; the is_sd* flags where an engine has no config."""
     name = type(engine).__name__
-    if name in ("Flux", "Chroma"):  # Forge sets no flag for these
-        return latent.FLUX
-    fmt = flag_format(engine)
-    if fmt is None:
-        raise DeltaError(f"Delta Sampling does not know the latent format of a {name} model.")
-    return fmt
+    config_latent = getattr(getattr(engine, "model_config", None), "latent_format", None)
+    if name in VIDEO_ENGINES:
+        fmt = VIDEO_ENGINES[name]
+    elif config_latent is not None:
+        fmt = _config_format(config_latent)
+    elif name in ("Flux", "Chroma"):  # Forge sets no flag for these
+        fmt = latent.FLUX
+    else:
+        fmt = flag_format(engine)
+        if fmt is None:
+            raise DeltaError(f"Delta Sampling does not know the latent format of a {name} model.")
+    flow = getattr(_predictor(engine), "prediction_type", None) == "const"
+    return fmt.as_flow() if flow and fmt.family != "flow" else fmt
+
+
+def _config_format(config_latent: Any) -> latent.LatentFormat:
+    """A huggingface_guess latent class (or instance): ours where known, else its own space."""
+    kind = config_latent if isinstance(config_latent, type) else type(config_latent)
+    known = KNOWN_LATENTS.get(kind.__name__)
+    if known is not None:
+        return known
+    return latent.LatentFormat(kind.__name__, int(getattr(config_latent, "latent_channels", 4)),
+                               float(getattr(config_latent, "scale_factor", 1.0)),
+                               float(getattr(config_latent, "shift_factor", None) or 0.0), vae=kind.__name__)
+
+
+def _predictor(engine: Any) -> Any:
+    return getattr(engine.forge_objects.unet.model, "predictor", None)
+
+
+def source_sigma_max(engine: Any, fmt: latent.LatentFormat) -> float:
+    """The highest noise level a source was trained on (VP sigma). Zero-terminal-SNR and flow models
+    have seen pure noise."""
+    predictor = _predictor(engine)
+    if fmt.family == "flow" or getattr(getattr(engine, "model_config", None), "ztsnr", False) or predictor is None:
+        return math.inf
+    return float(getattr(predictor, "sigma_max", math.inf))
+
+
+@contextlib.contextmanager
+def host_globals() -> Iterator[None]:
+    """Save and restore the backend's global `dynamic_args` (Neo's loader resets and rewrites them from the
+    file it loads; its engines read and write reference latents while encoding and denoising)."""
+    try:
+        from backend.args import dynamic_args
+    except ImportError:
+        yield
+        return
+    if isinstance(dynamic_args, dict):  # Forge: a plain dict
+        saved = copy.copy(dynamic_args)
+        try:
+            yield
+        finally:
+            dynamic_args.clear()
+            dynamic_args.update(saved)
+        return
+    fields = {k: v for k, v in vars(dynamic_args).items() if not k.startswith("__") and not isinstance(
+        v, classmethod | staticmethod | property | types.FunctionType)}
+    saved = {k: copy.copy(v) for k, v in fields.items()}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            current = getattr(dynamic_args, key, None)
+            if isinstance(value, list) and isinstance(current, list):
+                current[:] = value  # the target holds this very list (e.g. ref_latents)
+            else:
+                setattr(dynamic_args, key, value)
 
 
 @dataclass
@@ -82,7 +158,8 @@ class SourceModel:
     title: str
     engine: Any
     latent_format: latent.LatentFormat
-    loras: dict[tuple, ForgeLora] = field(default_factory=dict)
+    sigma_max: float = math.inf
+    loras: dict[tuple, Any] = field(default_factory=dict)
 
     @property
     def unet(self) -> Any:
@@ -94,16 +171,20 @@ class SourceModel:
 
     def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
         unet = self.unet
-        out, _ = calc_cond_uncond_batch(unet.model, compile_conditions(cond), None, x, sigma, unet.model_options)
+        with host_globals():
+            out, _ = calc_cond_uncond_batch(unet.model, compile_conditions(cond), None, x, sigma, unet.model_options)
         return out.to(x.dtype)
 
     def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
                width: int, height: int) -> tuple[Any, Any]:
-        self.engine.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))
-        _attach(self.engine.forge_objects.clip.patcher)  # the LoRA clone inside ForgeLora.enabled
-        return encode_prompts(self.engine, prompts, negatives, steps, hires_steps, width, height)
+        self.engine.set_clip_skip(int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1)))
+        clip = self.engine.forge_objects.clip.patcher
+        if hasattr(clip, "refresh_loras"):
+            _attach(clip)  # Forge: the LoRA clone inside ForgeLora.enabled
+        with host_globals():
+            return encode_prompts(self.engine, prompts, negatives, steps, hires_steps, width, height)
 
-    def lora(self, filename: str, multiplier: float) -> ForgeLora:
+    def lora(self, filename: str, multiplier: float) -> Any:
         key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
         if key not in self.loras:
             self.loras.clear()
@@ -123,13 +204,18 @@ def _load_lora(source: SourceModel, filename: str, multiplier: float) -> ForgeLo
     check_host_patches(name, source.title, len(weights), rest, [
         (unet_patches, source.unet.model.state_dict()), (clip_patches, clip.cond_stage_model.state_dict())])
     unet, lora_clip = source.unet.clone(), clip.clone()
-    loaded = unet.add_patches(filename=filename, patches=unet_patches, strength_patch=multiplier, online_mode=True)
-    loaded |= lora_clip.add_patches(filename=filename, patches=clip_patches, strength_patch=multiplier,
-                                    online_mode=True)
+    loaded = [*unet.add_patches(filename=filename, patches=unet_patches, strength_patch=multiplier,
+                                online_mode=True),
+              *lora_clip.add_patches(filename=filename, patches=clip_patches, strength_patch=multiplier,
+                                     online_mode=True)]  # Forge returns a set, Neo a list
     if rest:
         logger.warning("LoRA %s: %d keys did not match the source %s", name, len(rest), source.title)
     logger.info("LoRA %s on %s: %d patches (online)", name, source.title, len(loaded))
-    return ForgeLora(source, unet, lora_clip)
+    if hasattr(unet, "refresh_loras"):
+        return ForgeLora(source, unet, lora_clip)
+    from .neo_lora import NeoLora  # ComfyUI-style patcher: per-layer weight functions
+
+    return NeoLora(source, unet, lora_clip)
 
 
 def cached_source(cache: Any, info: Any, role: str = "source checkpoint") -> SourceModel:
@@ -140,30 +226,44 @@ def load_source(info: Any, role: str = "source checkpoint") -> SourceModel:
     """`forge_loader` into an independent engine; never `forge_model_reload`, which replaces the target."""
     weights = files.read_weights(info.filename, role)
     logger.info("loading %s %s", role, info.title)
-    with loading_source(info.title), _tensors_for(info.filename, weights):
+    with loading_source(info.title), host_globals(), _tensors_for(info.filename, weights):
         engine = loader.forge_loader(info.filename)
     if engine is None:
         raise DeltaError(f"Delta Sampling: Forge does not recognize the model type of '{info.title}'.")
-    return SourceModel(info.title, engine, target_format(engine))
+    fmt = target_format(engine)
+    return SourceModel(info.title, engine, fmt, source_sigma_max(engine, fmt))
 
 
 @contextlib.contextmanager
 def _tensors_for(filename: str, weights: dict[str, torch.Tensor]) -> Iterator[None]:
     """`forge_loader` takes a path: let its file read return the tensors we read safely instead. Forge's
-    own reads unpickle .ckpt files permissively and rename a file they fail on."""
+    own reads unpickle .ckpt files permissively and rename a file they fail on. Neo asks for metadata."""
     original = loader.load_torch_file
-    loader.load_torch_file = lambda ckpt, *a, **k: weights if ckpt == filename else original(ckpt, *a, **k)
+
+    def read(ckpt: Any, *args: Any, **kwargs: Any) -> Any:
+        if ckpt != filename:
+            return original(ckpt, *args, **kwargs)
+        return (weights, {}) if kwargs.get("return_metadata") else weights
+
+    loader.load_torch_file = read
     try:
         yield
     finally:
         loader.load_torch_file = original
 
 
+def _unload(entry: Any) -> None:
+    """A loaded-model entry's own unload: Forge's takes avoid_model_moving, Neo's (memory, unpatch)."""
+    if "avoid_model_moving" in inspect.signature(entry.model_unload).parameters:
+        entry.model_unload(avoid_model_moving=True)
+    else:
+        entry.model_unload()
+
+
 def release(source: SourceModel) -> None:
-    """Make a source engine really leave memory: Forge's loaded list, DS-patched UNets, then the heap."""
+    """Make a source engine really leave memory: the host's loaded list, DS-patched UNets, then the heap."""
     forget_modules(memory_management.current_loaded_models,
-                   [source.unet.model, source.engine.forge_objects.clip.cond_stage_model],
-                   lambda entry: entry.model_unload(avoid_model_moving=True))
+                   [source.unet.model, source.engine.forge_objects.clip.cond_stage_model], _unload)
     source.loras.clear()
     source.engine = None
     gc.collect()

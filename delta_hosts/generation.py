@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -124,20 +125,22 @@ def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
     steps, hires_steps = _steps(p, hr)
     width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr else (p.width, p.height)
 
-    def branch(model: Any, texts: list[str], context: Callable = contextlib.nullcontext) -> Branch:
-        with context():
+    def branch(model: Any, texts: list[str], context: Callable = contextlib.nullcontext,
+               encoding: Callable | None = None) -> Branch:
+        with (encoding or context)():
             c, uc = model.encode(texts, negatives, steps, hires_steps, width, height)
         return Branch(model.model_fn, _conds_at(c, uc), context)
 
     base = branch(src, base_prompts)
     if s.adapter_kind == "checkpoint":
         adapted = branch(state.adapted, adapted_prompts)
-    elif s.adapter_kind == "lora":
-        adapted = branch(src, adapted_prompts, state.lora.enabled)
+    elif s.adapter_kind == "lora":  # a LoRA may switch its text encoder part separately
+        adapted = branch(src, adapted_prompts, state.lora.enabled, getattr(state.lora, "encoding", None))
     else:
         adapted = branch(src, adapted_prompts)
     cfg = getattr(p, "hr_cfg", None) if hr else None  # Forge's hires CFG
-    return CfgSourcePair(src.latent_format, base, adapted, s.source_cfg or float(cfg or p.cfg_scale))
+    return CfgSourcePair(src.latent_format, base, adapted, s.source_cfg or float(cfg or p.cfg_scale),
+                         getattr(src, "sigma_max", math.inf), src.title)
 
 
 def _conds_at(c: Any, uc: Any) -> Callable[[int], tuple]:
@@ -264,3 +267,8 @@ def free_sources() -> str:
     count = len(CACHE.entries)
     CACHE.clear()
     return f"Released {count} source model(s)." if count else "No source models were loaded."
+
+
+def model_title(model: Any) -> str:
+    """The checkpoint title of a host model object, for messages."""
+    return getattr(getattr(model, "sd_checkpoint_info", None), "title", "") or ""

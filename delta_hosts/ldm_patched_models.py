@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,6 +77,11 @@ class SourceModel:
 
     def __post_init__(self) -> None:
         self.active = self.base
+
+    @property
+    def sigma_max(self) -> float:
+        sampling = getattr(self.base.unet.model, "model_sampling", None)
+        return float(getattr(sampling, "sigma_max", math.inf))
 
     def patchers(self) -> list[Any]:
         return [self.base.unet] + [lora.engine.unet for lora in self.loras.values()]
