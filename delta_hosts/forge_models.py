@@ -108,7 +108,7 @@ def host_globals() -> Iterator[None]:
         return
     fields = {k: v for k, v in vars(dynamic_args).items() if not k.startswith("__") and not isinstance(
         v, classmethod | staticmethod | property | types.FunctionType)}
-    saved = {k: copy.copy(v) for k, v in fields.items()}
+    saved = {k: copy.copy(v) if isinstance(v, list | dict) else v for k, v in fields.items()}
     try:
         yield
     finally:

@@ -463,10 +463,20 @@ _COMFY_PARTS = {
 }  # fmt: skip
 
 
-def host_patch_misfit(patch: tuple, weight_shape: Shape) -> str | None:
-    """Why a Forge/ComfyUI-style LoRA patch `(kind, (tensors...))` cannot apply to a weight of this shape,
-    or None when it fits (or is a kind this check does not know, which the host handles itself)."""
-    kind, values = patch if len(patch) == 2 and isinstance(patch[0], str) else ("diff", patch)
+def _host_patch_parts(patch: object) -> tuple[str, tuple]:
+    """(kind, values) of a host patch: Neo's WeightAdapter (.name, .weights) or a `(kind, values)` tuple."""
+    name, weights = getattr(patch, "name", None), getattr(patch, "weights", None)
+    if isinstance(name, str) and isinstance(weights, tuple):
+        return name, weights
+    if isinstance(patch, tuple) and len(patch) == 2 and isinstance(patch[0], str):
+        return patch
+    return "diff", tuple(patch) if isinstance(patch, tuple | list) else (patch,)
+
+
+def host_patch_misfit(patch: object, weight_shape: Shape) -> str | None:
+    """Why a Forge/ComfyUI-style LoRA patch cannot apply to a weight of this shape, or None when it fits
+    (or is a kind this check does not know, which the host handles itself)."""
+    kind, values = _host_patch_parts(patch)
     names = _COMFY_PARTS.get(kind)
     if names is None:
         return None
@@ -479,9 +489,9 @@ def host_patch_misfit(patch: tuple, weight_shape: Shape) -> str | None:
     return None
 
 
-def patch_key_count(patch: tuple) -> int:
+def patch_key_count(patch: object) -> int:
     """How many file keys one host patch was built from (its tensors, and its alpha)."""
-    values = patch[1] if len(patch) == 2 and isinstance(patch[0], str) else patch
+    values = _host_patch_parts(patch)[1]
     return sum(isinstance(v, torch.Tensor) for v in values) + (len(values) > 2 and values[2] is not None)
 
 

@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_WEBUI = ROOT / "tests" / "fake_webui"
 FAKE_FORGE = ROOT / "tests" / "fake_forge"
 FAKE_LDM_PATCHED = ROOT / "tests" / "fake_ldm_patched"
+FAKE_NEO = ROOT / "tests" / "fake_neo"
+NEO_OVERLAYS = ("backend", "backend.patcher", "backend.sampling", "backend.diffusion_engine")
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
@@ -89,11 +91,16 @@ def webui(tmp_path, monkeypatch):
         _purge()
 
 
-def _forge_host(tmp_path, fakes, host):
+def _forge_host(tmp_path, fakes, host, overlay=None):
+    """Fakes first on sys.path; `overlay` (Neo) goes in front of Forge's fake packages, file by file."""
     sys.path[:0] = [str(p) for p in fakes]
     import modules
 
     modules.__path__.insert(0, str(FAKE_FORGE / "modules"))
+    if overlay is not None:
+        modules.__path__.insert(0, str(overlay / "modules"))
+        for package in NEO_OVERLAYS:
+            importlib.import_module(package).__path__.insert(0, str(overlay / package.replace(".", "/")))
     import modules_forge
 
     import delta_hosts
@@ -131,6 +138,34 @@ def forge(tmp_path):
             generation=generation, shared=shared, processing=processing, callbacks=script_callbacks,
             sd_models=sd_models, networks=networks, checkpoints=checkpoints, loader=loader,
             memory=memory_management, utils=utils, tmp=tmp_path,
+        )
+    finally:
+        _unload((FAKE_FORGE, FAKE_WEBUI))
+
+
+@pytest.fixture
+def neo(tmp_path):
+    """The extension on fake Forge Neo 2.26 backend files (tests/fake_neo over the Forge and A1111 fakes)."""
+    _purge()
+    try:
+        checkpoints = _forge_host(tmp_path, (FAKE_FORGE, FAKE_WEBUI), "forge", overlay=FAKE_NEO)
+        import networks
+        from backend import loader, memory_management
+        from backend.args import dynamic_args
+        from modules import processing, script_callbacks, sd_models, shared
+
+        shared.sd_model = loader.forge_loader(checkpoints["sd15_a"].filename)
+        shared.sd_model.sd_checkpoint_info = checkpoints["sd15_a"]
+        loader.loads.clear()
+        module = _load_script()
+        from delta_hosts import forge, forge_models, generation
+
+        generation.CACHE.clear()
+        yield SimpleNamespace(
+            script=module.DeltaSamplingScript(), module=module, adapter=forge, models=forge_models,
+            generation=generation, shared=shared, processing=processing, callbacks=script_callbacks,
+            sd_models=sd_models, networks=networks, checkpoints=checkpoints, loader=loader,
+            memory=memory_management, dynamic_args=dynamic_args, tmp=tmp_path,
         )
     finally:
         _unload((FAKE_FORGE, FAKE_WEBUI))

@@ -26,7 +26,7 @@ ROLES = {  # role -> (DS settings using a file registered under the name "bad", 
     "adapter checkpoint": (lambda: ds(adapter_kind="checkpoint", adapter="bad"), "adapter checkpoint"),
     "lora": (lambda: ds(adapter_kind="lora", adapter="bad", adapted_prompt=""), "LoRA"),
 }
-HOSTS = ["webui", "forge", "ldm_patched"]
+HOSTS = ["webui", "forge", "ldm_patched", "neo"]
 
 
 class RunsCode:
@@ -109,7 +109,7 @@ def test_a_lora_whose_names_match_but_shapes_do_not_is_refused_with_counts(host)
     fails_before_sampling(host, ROLES["lora"][0](), r"3 of 6 keys matched, 3 unmatched")
 
 
-@pytest.mark.parametrize("host", ["forge", "ldm_patched"], indirect=True)
+@pytest.mark.parametrize("host", ["forge", "ldm_patched", "neo"], indirect=True)
 def test_a_ckpt_source_gives_the_safetensors_image_and_the_host_never_reads_it(host, tmp_path):
     path = tmp_path / "models" / "pickled.ckpt"
     torch.save({"state_dict": safetensors.torch.load_file(host.checkpoints["sd15_a"].filename)}, str(path))
