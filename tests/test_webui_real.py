@@ -5,12 +5,16 @@ folder. Variables: WEBUI_DIR (required), WEBUI_PYTHON (default: $WEBUI_DIR/venv/
 Python), WEBUI_ARGS (extra launch flags; default: the CPU flags below), WEBUI_URL (use a server that is
 already running instead of starting one), DS_SOURCE (source checkpoint title; default: the first one).
 Forge on CPU needs WEBUI_ARGS="--always-cpu --skip-prepare-environment --skip-torch-cuda-test --clip-in-fp32
---nowebui --api --server-name 127.0.0.1".
+--nowebui --api --server-name 127.0.0.1". Forge Neo on CPU: WEBUI_ARGS="--cpu --fp32-unet --fp32-vae
+--fp32-text-enc --skip-prepare-environment --skip-torch-cuda-test --skip-python-version-check
+--skip-version-check --api --nowebui --server-name 127.0.0.1".
+The weight-file tests write (and then delete) files named ds_tier_* in the WebUI's models folders.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -195,3 +199,87 @@ def test_hires_fix_runs_with_ds(server):
     assert status == 200 and pixels(zero) == pixels(off), zero
     status, on = txt2img(server, prompt_args(server, 2.0), **extra)
     assert status == 200 and pixels(on) != pixels(off), on
+
+
+# -- files chosen in the panel never run code and are never changed (issue 13) -------------------------
+class RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def placed(server: str, folder: str, name: str, content: bytes):
+    """Write a file into the WebUI's models folder and refresh the host's lists; yields its path."""
+    path = Path(WEBUI_DIR) / "models" / folder / name
+    path.write_bytes(content)
+    call(server, "/sdapi/v1/refresh-checkpoints" if folder == "Stable-diffusion" else "/sdapi/v1/refresh-loras", {})
+    return path
+
+
+def checkpoint_title(server: str, filename: str) -> str:
+    return next(m["title"] for m in call(server, "/sdapi/v1/sd-models")[1] if m["filename"].endswith(filename))
+
+
+ROLE_ARGS = {  # role -> (models folder, DS args for a file registered as `name`, words in the message)
+    "source": ("Stable-diffusion", lambda url, name: [True, name, "prompt", "", 1.0, 1.0, "constant", 0.0, 1.0,
+                                                      "", "a cat, oil painting", "", 0], "source checkpoint"),
+    "adapter checkpoint": ("Stable-diffusion", lambda url, name: [True, source_title(url), "checkpoint", name, 1.0,
+                                                                  1.0, "constant", 0.0, 1.0, "", "", "", 0],
+                           "adapter checkpoint"),
+    "lora": ("Lora", lambda url, name: [True, source_title(url), "lora", name, 1.0, 1.0, "constant", 0.0, 1.0, "",
+                                        "", "", 0], "LoRA"),
+}
+
+
+def malicious_pickle(marker: str) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "payload": RunsCode(marker)}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("role", ROLE_ARGS)
+def test_a_malicious_pickle_never_runs_in_any_role(server, role, tmp_path):
+    folder, args, words = ROLE_ARGS[role]
+    marker = tmp_path / "code_ran"
+    name = f"ds_tier_evil_{role.replace(' ', '_')}"
+    path = placed(server, folder, f"{name}.ckpt", malicious_pickle(str(marker)))
+    try:
+        title = checkpoint_title(server, path.name) if folder == "Stable-diffusion" else name
+        status, body = txt2img(server, args(server, title))
+        assert status == 500 and body.get("error") == "DeltaError", body
+        assert f"refused to read the {words} '{path.name}'" in error_text(body), body
+        assert not marker.exists()
+    finally:
+        path.unlink(missing_ok=True)
+    assert txt2img(server, prompt_args(server, 1.0))[0] == 200
+
+
+@pytest.mark.parametrize("role", ROLE_ARGS)
+def test_a_truncated_safetensors_is_refused_and_left_as_it_is(server, role):
+    folder, args, words = ROLE_ARGS[role]
+    models = Path(WEBUI_DIR) / "models"
+    good = min((models / folder).glob("*.safetensors"), key=lambda f: f.stat().st_size).read_bytes()
+    name = f"ds_tier_trunc_{role.replace(' ', '_')}"
+    path = placed(server, folder, f"{name}.safetensors", good[: len(good) * 2 // 3])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        title = checkpoint_title(server, path.name) if folder == "Stable-diffusion" else name
+        status, body = txt2img(server, args(server, title))
+        assert status == 500 and f"the {words} '{path.name}' is corrupt" in error_text(body), body
+        assert path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == digest
+        assert not Path(f"{path}.corrupted").exists()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_a_lora_for_another_architecture_is_refused_with_counts(server):
+    """Set DS_WRONG_LORA to a LoRA whose key names partly exist on the source with other shapes."""
+    name = os.environ.get("DS_WRONG_LORA")
+    if not name:
+        pytest.skip("DS_WRONG_LORA is not set")
+    status, body = txt2img(server, ROLE_ARGS["lora"][1](server, name))
+    assert status == 500 and "keys matched" in error_text(body) and "unmatched" in error_text(body), body
