@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import inspect
 import math
 import weakref
 from collections.abc import Callable, Iterator
@@ -90,8 +91,9 @@ def prepare(p: Any, settings: DeltaSettings, models: ModuleType | None, unsuppor
 
 
 def as_delta_error(e: BaseException) -> DeltaError:
+    """Every failure reaches the user as a DeltaError (the API names the exception class)."""
     if isinstance(e, DeltaError):
-        return e
+        return e if type(e) is DeltaError else DeltaError(str(e))
     if isinstance(e, MemoryError) or "OutOfMemoryError" in type(e).__name__:
         return DeltaError(f"Delta Sampling ran out of memory running the source pair: {e}")
     return DeltaError(f"Delta Sampling failed: {type(e).__name__}: {e}")
@@ -217,12 +219,14 @@ def refuse_pass(p: Any) -> None:
 def encode_prompts(model: Any, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
                    width: int, height: int) -> tuple[Any, Any]:
     """(multicond, uncond) through the host's prompt parser, with `model`'s own text encoder."""
-    old = shared.opts.use_old_scheduling
+    # A1111 and Forge take the old-scheduling option; Neo dropped both the option and the argument
+    old = [] if "use_old_scheduling" not in inspect.signature(prompt_parser.get_learned_conditioning).parameters \
+        else [shared.opts.use_old_scheduling]
     pos = prompt_parser.SdConditioning(prompts, width=width, height=height)
     neg = prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True)
     with torch.no_grad():
-        uc = prompt_parser.get_learned_conditioning(model, neg, steps, hires_steps, old)
-        c = prompt_parser.get_multicond_learned_conditioning(model, pos, steps, hires_steps, old)
+        uc = prompt_parser.get_learned_conditioning(model, neg, steps, hires_steps, *old)
+        c = prompt_parser.get_multicond_learned_conditioning(model, pos, steps, hires_steps, *old)
     return c, uc
 
 

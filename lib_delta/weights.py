@@ -32,7 +32,8 @@ CONVERT_HINT = ("Use the model's .safetensors release, or convert the file to .s
 # as inert placeholders (never imported) so that plain SD .ckpt files keep working.
 BENIGN_PICKLE_CLASSES = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",)
 NUMPY_GLOBALS = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype", "numpy.dtypes.")
-GLOBAL_IN_ERROR = re.compile(r"GLOBAL ([\w.]+)|global '([\w./]+)'")
+# how torch (2.4+: "GLOBAL x", older: "Unsupported class x") and A1111's unpickler ("global 'x/y'") name it
+GLOBAL_IN_ERROR = re.compile(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)|global '([\w./]+)'")
 
 
 class WeightFileError(DeltaError):
@@ -60,11 +61,11 @@ def read_weights(path: str, role: str, pickle_fallback: Callable[[str], dict] | 
     except WeightFileError:
         raise
     except pickle.UnpicklingError as e:
-        found = GLOBAL_IN_ERROR.search(str(e))
+        found = _global_in(e)
         if not found and not re.search(r"call reduce|Can only build", str(e)):
             raise WeightFileError(f"Delta Sampling: the {role} '{name}' is corrupt or not a PyTorch weight file "
                                   "(its pickle cannot be read).") from e
-        asks = f"'{found[1] or found[2]}'" if found else "objects that are not weights"
+        asks = f"'{found}'" if found else "objects that are not weights"
         raise WeightFileError(f"Delta Sampling: refused to read the {role} '{name}': it is a pickle that asks for "
                               f"{asks}, which could run code. Delta Sampling reads weights only. "
                               + CONVERT_HINT) from e
@@ -139,8 +140,8 @@ def _read_pickle_weights_only(path: str) -> object:
             try:
                 return load(f, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
-                found = GLOBAL_IN_ERROR.search(str(e))
-                if found and found[1] and found[1].startswith(BENIGN_PICKLE_CLASSES + NUMPY_GLOBALS):
+                found = _global_in(e)
+                if found and found.startswith(BENIGN_PICKLE_CLASSES + NUMPY_GLOBALS):
                     raise _NeedsPlaceholders from e
                 raise
         with allow(_benign_globals()):
@@ -179,6 +180,12 @@ def _tensors(weights: object, role: str, name: str) -> dict[str, torch.Tensor]:
         raise WeightFileError(f"Delta Sampling: the {role} '{name}' holds a {type(weights).__name__}, "
                               "not a table of weights.")
     return {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
+
+
+def _global_in(e: BaseException) -> str | None:
+    """The Python name an unpickler refused, as its error message gives it."""
+    found = GLOBAL_IN_ERROR.search(str(e))
+    return next((g for g in found.groups() if g), None) if found else None
 
 
 def _first_line(e: BaseException) -> str:

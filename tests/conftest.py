@@ -154,6 +154,7 @@ def neo(tmp_path):
         from backend.args import dynamic_args
         from modules import processing, script_callbacks, sd_models, shared
 
+        shared.opts.data.pop("use_old_scheduling")  # Neo dropped this option
         shared.sd_model = loader.forge_loader(checkpoints["sd15_a"].filename)
         shared.sd_model.sd_checkpoint_info = checkpoints["sd15_a"]
         loader.loads.clear()

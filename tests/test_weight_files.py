@@ -69,9 +69,9 @@ def fails_before_sampling(host, settings, match: str) -> None:
     from lib_delta import DeltaError
 
     calls = interrupt_at_call(host, 10**9, host.callbacks.on_cfg_denoiser)
-    with pytest.raises(DeltaError, match=match):
+    with pytest.raises(DeltaError, match=match) as raised:
         generate(host, settings)
-    assert calls == []
+    assert calls == [] and type(raised.value) is DeltaError  # the API reports the class name
     ok, _, _ = generate(host, ds())
     assert torch.isfinite(ok).all()
 
@@ -236,3 +236,21 @@ def test_hosts_wrapping_torch_load_do_not_matter(tmp_path, monkeypatch):
     safetensors.torch.save_file({"w": torch.ones(2)}, str(tmp_path / "ok.safetensors"))
     assert torch.equal(read_weights(str(tmp_path / "ok.safetensors"), "LoRA")["w"], torch.ones(2))
     assert not marker.exists() and weights.BENIGN_PICKLE_CLASSES
+
+
+@pytest.mark.parametrize(("error", "outcome"), [
+    ("Weights only load failed. Unsupported class posix.system", "refused to read the LoRA 'x.pt'.*'posix.system'"),
+    ("Weights only load failed. Unsupported class numpy.core.multiarray.scalar", "needs PyTorch 2.4"),
+])
+def test_torch_before_2_4_wording_is_understood(tmp_path, monkeypatch, error, outcome):
+    """torch 2.3 (Forge's pin) says 'Unsupported class x' and has no safe_globals."""
+    import pickle
+
+    def refuse(f, map_location=None, pickle_module=None, *, weights_only=None):
+        raise pickle.UnpicklingError(error)
+
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    monkeypatch.setattr(torch.serialization, "load", refuse)
+    (tmp_path / "x.pt").write_bytes(b"whatever")
+    with pytest.raises(WeightFileError, match=outcome):
+        read_weights(str(tmp_path / "x.pt"), "LoRA")
