@@ -191,7 +191,9 @@ def test_source_equals_target_lora_at_lambda_one_matches_the_prompt_lora(server)
 
 
 def test_hires_fix_runs_with_ds(server):
-    extra = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
+    modes = call(server, "/sdapi/v1/latent-upscale-modes")[1]  # Neo has none: its plain resize is "None"
+    upscaler = "Latent" if any(m["name"] == "Latent" for m in modes) else "None"
+    extra = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": upscaler, "hr_second_pass_steps": 2,
              "denoising_strength": 0.5, "hr_additional_modules": ["Use same choices"]}  # Forge needs the last key
     status, off = txt2img(server, **extra)
     assert status == 200, off
