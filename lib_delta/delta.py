@@ -6,6 +6,7 @@ hand over eps and integer timesteps; those are converted with the target's alpha
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from . import DeltaError, latent, schedules
+from . import DeltaError, latent, logger, schedules
 from .spec import DeltaSettings
 
 CondsList = Sequence[Sequence[tuple[int, float]]]  # per image: (row, weight) of each AND sub-prompt
@@ -109,6 +110,9 @@ class DeltaRun:
         else:
             sigma, x, x0 = step.sigma, step.x, denoised
         delta = self.delta(x, x0, sigma, step)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("step %d: sigma %.4g, lambda %.4g, mean |delta| %.4g, mean |x0| %.4g", step.step,
+                         float(sigma.max()), lam, float(delta.abs().mean()), float(x0.abs().mean()))
         if self.nmask is not None:
             delta = delta * self.nmask
         self.applied_steps += 1

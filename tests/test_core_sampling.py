@@ -148,3 +148,21 @@ def test_apply_without_capture_is_an_error():
     run = DeltaRun(settings(1.0), make_pair(MU_B, MU_A, CFG), latent.SD1)
     with pytest.raises(DeltaError, match="did not pair up"):
         run.apply(torch.randn(SHAPE))
+
+
+def test_debug_log_reports_each_steps_delta(caplog):
+    from lib_delta import logger
+
+    pair = make_pair(MU_B, MU_A, CFG)
+    run = DeltaRun(settings(2.0), pair, latent.SD1)
+    x = torch.randn(SHAPE)
+    logger.setLevel("DEBUG")
+    logger.propagate = True
+    try:
+        with caplog.at_level("DEBUG", logger="delta_sampling"):
+            run.capture(StepInput(x, torch.full((SHAPE[0],), 3.0), 4, 0.5))
+            run.apply(x)
+    finally:
+        logger.setLevel("INFO")
+        logger.propagate = False
+    assert any("step 4: sigma 3, lambda 2, mean |delta|" in r.getMessage() for r in caplog.records)
