@@ -116,16 +116,17 @@ def _forge_host(tmp_path, fakes, host, overlay=None):
     return _write_checkpoints(tmp_path, sd_models)
 
 
-@pytest.fixture
-def forge(tmp_path):
-    """The extension loaded into fake new-Forge modules (tests/fake_forge over tests/fake_webui)."""
+def _backend_host(tmp_path, overlay=None):
+    """The extension loaded into a fake `backend/` Forge: Forge's fakes, or Neo's overlaid on them."""
     _purge()
     try:
-        checkpoints = _forge_host(tmp_path, (FAKE_FORGE, FAKE_WEBUI), "forge")
+        checkpoints = _forge_host(tmp_path, (FAKE_FORGE, FAKE_WEBUI), "forge", overlay=overlay)
         import networks
         from backend import loader, memory_management, utils
         from modules import processing, script_callbacks, sd_models, shared
 
+        if overlay is not None:
+            shared.opts.data.pop("use_old_scheduling")  # Neo dropped this option
         shared.sd_model = loader.forge_loader(checkpoints["sd15_a"].filename)
         shared.sd_model.sd_checkpoint_info = checkpoints["sd15_a"]
         loader.loads.clear()
@@ -144,32 +145,19 @@ def forge(tmp_path):
 
 
 @pytest.fixture
+def forge(tmp_path):
+    """The extension loaded into fake new-Forge modules (tests/fake_forge over tests/fake_webui)."""
+    yield from _backend_host(tmp_path)
+
+
+@pytest.fixture
 def neo(tmp_path):
     """The extension on fake Forge Neo 2.26 backend files (tests/fake_neo over the Forge and A1111 fakes)."""
-    _purge()
-    try:
-        checkpoints = _forge_host(tmp_path, (FAKE_FORGE, FAKE_WEBUI), "forge", overlay=FAKE_NEO)
-        import networks
-        from backend import loader, memory_management
+    for host in _backend_host(tmp_path, overlay=FAKE_NEO):
         from backend.args import dynamic_args
-        from modules import processing, script_callbacks, sd_models, shared
 
-        shared.opts.data.pop("use_old_scheduling")  # Neo dropped this option
-        shared.sd_model = loader.forge_loader(checkpoints["sd15_a"].filename)
-        shared.sd_model.sd_checkpoint_info = checkpoints["sd15_a"]
-        loader.loads.clear()
-        module = _load_script()
-        from delta_hosts import forge, forge_models, generation
-
-        generation.CACHE.clear()
-        yield SimpleNamespace(
-            script=module.DeltaSamplingScript(), module=module, adapter=forge, models=forge_models,
-            generation=generation, shared=shared, processing=processing, callbacks=script_callbacks,
-            sd_models=sd_models, networks=networks, checkpoints=checkpoints, loader=loader,
-            memory=memory_management, dynamic_args=dynamic_args, tmp=tmp_path,
-        )
-    finally:
-        _unload((FAKE_FORGE, FAKE_WEBUI))
+        host.dynamic_args = dynamic_args
+        yield host
 
 
 @pytest.fixture

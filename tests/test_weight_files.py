@@ -117,7 +117,7 @@ def test_a_ckpt_source_gives_the_safetensors_image_and_the_host_never_reads_it(h
     via_ckpt, _, _ = generate(host, ds(strength=1.0, source="pickled"))
     via_safetensors, _, _ = generate(host, ds(strength=1.0))
     assert torch.equal(via_ckpt, via_safetensors)
-    assert str(path) not in getattr(host, "utils", types.SimpleNamespace(unsafe_loads=[])).unsafe_loads
+    assert str(path) not in getattr(getattr(host, "utils", None), "unsafe_loads", [])  # Forge's permissive read
 
 
 def test_forge_hands_its_loader_tensors_not_the_file(forge, tmp_path):

@@ -15,7 +15,14 @@ _a1111 = a1111_fake.load("sd_samplers_cfg_denoiser")
 
 
 class CFGDenoiser(_a1111.CFGDenoiser):
-    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+    def skips_uncond(self, sigma, s_min_uncond):
+        """Forge's skip-early-CFG and NGMS rules (the scale drops to 1 when they fire)."""
+        opts = shared.opts
+        if opts.skip_early_cond > 0 and self.step / self.total_steps <= opts.skip_early_cond:
+            return True
+        return bool((self.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond)
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond, **kwargs):
         state = shared.state
         if state.interrupted or state.skipped:
             raise sd_samplers_common.InterruptedException
@@ -29,13 +36,12 @@ class CFGDenoiser(_a1111.CFGDenoiser):
         cfg_denoiser_callback(denoiser_params)
         if self.p.is_hr_pass and getattr(self.p, "hr_cfg", None):
             cond_scale = self.p.hr_cfg
-        opts = shared.opts
-        if opts.skip_early_cond > 0 and self.step / self.total_steps <= opts.skip_early_cond:
+        if self.skips_uncond(sigma, s_min_uncond):
             cond_scale = 1.0
-        elif (self.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond:
-            cond_scale = 1.0
+        extra = {"extra_model_options": kwargs["model_options"]} if "model_options" in kwargs else {}
         denoised, cond_pred, uncond_pred = sampling_function(self, denoiser_params=denoiser_params,
-                                                             cond_scale=cond_scale, cond_composition=cond_composition)
+                                                             cond_scale=cond_scale, cond_composition=cond_composition,
+                                                             **extra)
         if self.mask is not None:
             denoised = denoised * self.nmask + self.init_latent * self.mask
         self.sampler.last_latent = denoised

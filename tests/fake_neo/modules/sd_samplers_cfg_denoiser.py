@@ -1,46 +1,14 @@
-"""Neo's CFGDenoiser.forward: as Forge's, with Neo's skip rules (skip-early CFG never on the first call,
-NGMS only above sigma 0) and `extra_model_options` passed to sampling_function."""
+"""Neo's CFGDenoiser.forward: Forge's, with Neo's skip rules (skip-early CFG never on the first call,
+NGMS only above sigma 0); the sampler's model_options reach sampling_function as extra_model_options."""
 
-import torch
-from backend.sampling.sampling_function import sampling_function
-from modules import a1111_fake, prompt_parser, sd_samplers_common, shared
-from modules.script_callbacks import (
-    AfterCFGCallbackParams,
-    CFGDenoiserParams,
-    cfg_after_cfg_callback,
-    cfg_denoiser_callback,
-)
+from modules import a1111_fake, shared
 
-_a1111 = a1111_fake.load("sd_samplers_cfg_denoiser")
+_forge = a1111_fake.load("sd_samplers_cfg_denoiser", a1111_fake.FORGE_FAKES)
 
 
-class CFGDenoiser(_a1111.CFGDenoiser):
-    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond, **kwargs):
-        state = shared.state
-        if state.interrupted or state.skipped:
-            raise sd_samplers_common.InterruptedException
-        cond_composition, cond = prompt_parser.reconstruct_multicond_batch(cond, self.step)
-        uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step)
-        if self.mask is not None:
-            noisy_initial_latent = self.init_latent + sigma[:, None, None, None] * torch.randn_like(self.init_latent)
-            x = x * self.nmask + noisy_initial_latent * self.mask
-        denoiser_params = CFGDenoiserParams(x, image_cond, sigma, state.sampling_step, state.sampling_steps, cond,
-                                            uncond, self)
-        cfg_denoiser_callback(denoiser_params)
-        if self.p.is_hr_pass and getattr(self.p, "hr_cfg", None):
-            cond_scale = self.p.hr_cfg
+class CFGDenoiser(_forge.CFGDenoiser):
+    def skips_uncond(self, sigma, s_min_uncond):
         opts = shared.opts
         if 0 < self.step / self.total_steps <= opts.skip_early_cond:
-            cond_scale = 1.0
-        elif (self.step % 2 or opts.s_min_uncond_all) and 0 < sigma[0] < s_min_uncond:
-            cond_scale = 1.0
-        denoised, _, _ = sampling_function(self, denoiser_params=denoiser_params, cond_scale=cond_scale,
-                                           cond_composition=cond_composition,
-                                           extra_model_options=kwargs.get("model_options", {}))
-        if self.mask is not None:
-            denoised = denoised * self.nmask + self.init_latent * self.mask
-        self.sampler.last_latent = denoised
-        after = AfterCFGCallbackParams(denoised, state.sampling_step, state.sampling_steps)
-        cfg_after_cfg_callback(after)
-        self.step += 1
-        return after.x
+            return True
+        return bool((self.step % 2 or opts.s_min_uncond_all) and 0 < sigma[0] < s_min_uncond)

@@ -1,14 +1,13 @@
-"""Neo's KDiffusionSampler: the sampler's sigmas come from the target engine's predictor (eps, v, zero
-terminal SNR or rectified flow), inside sampling_prepare / sampling_cleanup."""
+"""Neo's KDiffusionSampler: Forge's, with the sampler's sigmas from the target engine's predictor (eps, v,
+zero terminal SNR or rectified flow)."""
 
 import k_diffusion.external
-from backend.sampling.sampling_function import sampling_cleanup, sampling_prepare
 from modules import a1111_fake, shared
 
-_a1111 = a1111_fake.load("sd_samplers_kdiffusion")
+_forge = a1111_fake.load("sd_samplers_kdiffusion", a1111_fake.FORGE_FAKES)
 
 
-class CFGDenoiserKDiffusion(_a1111.CFGDenoiserKDiffusion):
+class CFGDenoiserKDiffusion(_forge.CFGDenoiserKDiffusion):
     @property
     def inner_model(self):
         if self.model_wrap is None:  # Neo: ForgeScheduleLinker over the engine's predictor
@@ -18,13 +17,5 @@ class CFGDenoiserKDiffusion(_a1111.CFGDenoiserKDiffusion):
         return self.model_wrap
 
 
-class KDiffusionSampler(_a1111.KDiffusionSampler):
+class KDiffusionSampler(_forge.KDiffusionSampler):
     denoiser_class = CFGDenoiserKDiffusion
-
-    def launch_sampling(self, steps, func):
-        unet_patcher = self.model_wrap.inner_model.forge_objects.unet
-        sampling_prepare(unet_patcher, x=None)
-        try:
-            return super().launch_sampling(steps, func)
-        finally:
-            sampling_cleanup(unet_patcher)
