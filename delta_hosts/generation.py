@@ -24,7 +24,7 @@ from modules import prompt_parser, shared
 from lib_delta import DeltaError, logger
 from lib_delta.delta import DeltaRun
 from lib_delta.source import Branch, CfgSourcePair, ModelCache
-from lib_delta.spec import FIELDS, INFOTEXT_KEY, DeltaSettings
+from lib_delta.spec import FIELDS, INFOTEXT_KEY, DeltaSettings, malformed_source
 
 from . import files
 
@@ -51,7 +51,13 @@ class Prepared:
 
 
 def settings_for(p: Any, args: tuple) -> DeltaSettings:
-    return DeltaSettings.from_args(args).with_overrides(p)
+    """The generation's settings from the script args (UI or API) and X/Y/Z overrides on `p`. A value that
+    is not valid for its field never falls back to a default: the generation fails with the message (the
+    hosts swallow exceptions raised in Script.process, which would give an image without DS)."""
+    try:
+        return DeltaSettings.from_args(args).with_overrides(p)
+    except DeltaError as e:
+        return DeltaSettings(enabled=True, source=malformed_source(str(e)))
 
 
 def prepare(p: Any, settings: DeltaSettings, models: ModuleType | None, unsupported: str | None = None) -> None:

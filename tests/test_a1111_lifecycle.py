@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import safetensors.torch
@@ -225,3 +226,19 @@ def test_refiner_switch_is_followed_or_refused(webui, refiner_sdxl, fails):
     else:
         out, _, _ = generate(webui, ds(), steps=4)
         assert torch.isfinite(out).all() and len(calls) == 4
+
+
+@pytest.mark.parametrize(("index", "value", "message"), [
+    (5, "abc", "bad value 'abc' for DS lambda"),
+    (6, "bogus", "DS schedule must be one of constant, linear, cosine, exponential, sigmoid, got 'bogus'"),
+    (2, "bogus", "DS adapter kind must be one of lora, checkpoint, prompt, got 'bogus'"),
+])
+def test_api_args_that_are_not_valid_values_fail_instead_of_falling_back(webui, index, value, message):
+    """A1111 swallows exceptions raised in Script.process: the bad value must still stop the generation."""
+    args = ds(strength=2.0).to_args()
+    args[index] = value
+    p = webui.processing.StableDiffusionProcessing(scripts=[webui.script], script_args=tuple(args), prompt="a fox")
+    with pytest.raises(DeltaError, match=re.escape(message)):
+        webui.processing.process_images(p)
+    ok, _, _ = generate(webui, ds())
+    assert torch.isfinite(ok).all()
