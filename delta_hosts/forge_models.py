@@ -195,7 +195,7 @@ class SourceModel:
         release(self)
 
 
-def _load_lora(source: SourceModel, filename: str, multiplier: float) -> ForgeLora:
+def _load_lora(source: SourceModel, filename: str, multiplier: float) -> Any:
     weights = files.read_weights(filename, "LoRA")
     clip = source.engine.forge_objects.clip
     unet_patches, rest = load_lora(weights, model_lora_keys_unet(source.unet.model, {}))
