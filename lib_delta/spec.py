@@ -152,7 +152,9 @@ class DeltaSettings:
         if not re.fullmatch(r"v\d+", version.strip()):
             raise DeltaError(f"Malformed '{INFOTEXT_KEY}' infotext value {str(raw)[:80]!r}: it must start with a version.")
         if version.strip() != f"v{SPEC_VERSION}":
-            raise DeltaError(f"Unsupported '{INFOTEXT_KEY}' version {version.strip()}; this extension reads v{SPEC_VERSION}.")
+            raise DeltaError(f"Unsupported '{INFOTEXT_KEY}' version {version.strip()}: the image was made by a "
+                             f"newer Delta Sampling (this one reads v{SPEC_VERSION}). Update the extension; its "
+                             "settings were not applied.")
         by_short = {f.short: f for f in FIELDS}
         values: dict[str, Any] = {}
         for part in parts:
