@@ -30,13 +30,22 @@ _KNOWN_SUFFIXES = {
     "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "scale", "dora_scale",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "diff", "diff_b",
+    "diff", "diff_b", "w_norm", "b_norm", "weight", "on_input",
 }  # fmt: skip
-_SUFFIX_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+_SUFFIX_ALIASES = {
+    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "lora.down.weight": "lora_down.weight",
+    "lora.up.weight": "lora_up.weight", "down.weight": "lora_down.weight", "up.weight": "lora_up.weight",
+    "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.weight": "dora_scale",
+}  # fmt: skip
+_DOTTED_SUFFIXES = sorted((*_SUFFIX_ALIASES, "alpha"), key=len, reverse=True)  # longest first
+_DOTTED_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
 _RESNET_SUFFIX = {
     "conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0",
     "norm2": "out_layers_0", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection",
 }  # fmt: skip
+
+
+SUPPORTED = "LoRA/LoCon, LoHa, LoKr, DoRA, IA3, norm and full diff (kohya, LyCORIS, diffusers and PEFT keys)"
 
 
 class LoraError(DeltaError):
@@ -63,6 +72,20 @@ class KeyReport:
     unmatched: int
     skipped_text_encoder: int
     unmatched_examples: tuple[str, ...]
+    skipped_types: int = 0  # keys of module types this extension does not apply (OFT, GLoRA, ...)
+
+
+def stem_and_suffix(key: str) -> tuple[str, str]:
+    """(kohya-style module stem, factor suffix) of a file key. Kohya keys are `stem.suffix`; diffusers and
+    PEFT keys are dotted module paths under `unet.` / `text_encoder(_2).`, renamed to kohya stems."""
+    prefix = next((p for p in _DOTTED_PREFIXES if key.startswith(p)), None)
+    suffix = next((x for x in _DOTTED_SUFFIXES if key.endswith("." + x)), None)
+    if prefix is None or suffix is None:
+        stem, _, suffix = key.partition(".")
+        return stem, _SUFFIX_ALIASES.get(suffix, suffix)
+    path = key[len(prefix) : -len(suffix) - 1].replace(".processor.", ".").removesuffix(".lora_linear_layer")
+    path = re.sub(r"\.to_(q|k|v)_lora$", r".to_\1", path).replace(".to_out_lora", ".to_out.0")
+    return _DOTTED_PREFIXES[prefix] + path.replace(".", "_"), _SUFFIX_ALIASES.get(suffix, suffix)
 
 
 # ---------------------------------------------------------------- key names
@@ -176,7 +199,11 @@ def _kind(parts: dict[str, torch.Tensor]) -> str | None:
     has_w2 = "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= parts.keys()
     if has_w1 and has_w2:
         return "lokr"
-    return "full" if "diff" in parts else None
+    if "diff" in parts:
+        return "full"
+    if "w_norm" in parts:
+        return "norm"
+    return "ia3" if {"weight", "on_input"} <= parts.keys() else None
 
 
 def _raw_delta(kind: str, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int | None]:
@@ -205,15 +232,22 @@ def _raw_delta(kind: str, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
             w1 = w1.unsqueeze(-1)
         rank_of = p.get("lokr_w2_b", p.get("lokr_w1_b"))  # A1111: w2's rank wins
         return torch.kron(w1, w2.contiguous()), rank_of.shape[0] if rank_of is not None else None
+    if kind == "norm":
+        return p["w_norm"], None
     return p["diff"], None
 
 
+def _dora_by_row(magnitude: Shape, weight: Shape) -> bool:
+    """DoRA's axis, by ComfyUI's rule: per output row when the magnitude's first dimension is the number of
+    outputs ((out,) from PEFT, (out, 1, ...) from LyCORIS wd_on_out), else per input column ((1, in, ...))."""
+    return len(magnitude) >= 1 and magnitude[0] == weight[0] and (len(magnitude) == 1 or weight[0] > 1)
+
+
 def _decompose(delta: torch.Tensor, weight: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA: rescale W + dW to the stored magnitude, per input column (A1111 / LyCORIS default)
-    or per output row when the magnitude is stored as (out, 1, ...)."""
+    """DoRA: rescale W + dW to the stored magnitude, per output row or per input column."""
     merged = weight + delta
     ones = [1] * (weight.dim() - 1)
-    if magnitude.dim() >= 2 and magnitude.shape[0] == weight.shape[0] > 1:
+    if _dora_by_row(tuple(magnitude.shape), tuple(weight.shape)):
         norm = _matrix(merged).norm(dim=1).reshape(weight.shape[0], *ones)
     else:
         columns = merged.transpose(0, 1).reshape(weight.shape[1], -1)
@@ -266,17 +300,22 @@ def _check_shapes(kind: str, s: dict[str, Shape], weight: Shape) -> None:
         else:
             w2 = _product_shape(s["lokr_w2_a"], s["lokr_w2_b"])
         delta = (w1[0] * w2[0], math.prod(w1[1:]) * math.prod(w2[1:]))
+    elif kind == "ia3":
+        if len(weight) != 2 or math.prod(s["weight"]) not in weight:  # Linear layers, as A1111
+            raise ValueError(f"IA3 scale {s['weight']} does not fit a weight of shape {tuple(weight)}")
+        delta = weight
     else:
-        delta = s["diff"]
+        delta = s["diff" if kind == "full" else "w_norm"]
     if delta[0] != weight[0] or math.prod(delta) != math.prod(weight):
         raise ValueError(f"dW of shape {tuple(delta)} does not fit a weight of shape {tuple(weight)}")
     if "dora_scale" in s:
         magnitude = s["dora_scale"]
-        by_row = len(magnitude) >= 2 and magnitude[0] == weight[0] > 1
+        by_row = _dora_by_row(magnitude, weight)
         if len(weight) < 2 or math.prod(magnitude) != weight[0 if by_row else 1]:
             raise ValueError(f"dora_scale {magnitude} does not fit a weight of shape {tuple(weight)}")
-    if "diff_b" in s and math.prod(s["diff_b"]) != weight[0]:
-        raise ValueError(f"diff_b {s['diff_b']} does not fit {weight[0]} outputs")
+    for bias in ("diff_b", "b_norm"):
+        if bias in s and math.prod(s[bias]) != weight[0]:
+            raise ValueError(f"{bias} {s[bias]} does not fit {weight[0]} outputs")
 
 
 @dataclass
@@ -288,6 +327,7 @@ class _Patch:
     parts: dict[str, torch.Tensor]
     alpha: float | None
     fixed_scale: float | None
+    on_input: bool = False  # IA3: scale the input columns instead of the output rows
     _cast: tuple[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] | None = field(default=None)
 
     def factors(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -299,14 +339,18 @@ class _Patch:
     def deltas(self, weight: torch.Tensor, multiplier: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(multiplier * dW shaped like weight, multiplier * bias diff or None)."""
         p = self.factors(weight)
-        raw, rank = _raw_delta(self.kind, p)
+        if self.kind == "ia3":  # dW = W * w, per output row or input column
+            w = p["weight"].reshape(1, -1) if self.on_input else p["weight"].reshape(-1, 1)
+            raw, rank = _matrix(weight) * w, None
+        else:
+            raw, rank = _raw_delta(self.kind, p)
         scale = self.fixed_scale
         if scale is None:
             scale = self.alpha / rank if self.alpha is not None and rank else 1.0
         delta = raw.reshape(weight.shape) * scale  # a fresh tensor: safe to modify in place below
         if "dora_scale" in p:
             delta = _decompose(delta, weight, p["dora_scale"])
-        bias = p.get("diff_b")
+        bias = p.get("diff_b", p.get("b_norm"))
         if bias is not None:
             bias = bias.reshape(weight.shape[0]) * multiplier
         return delta.mul_(multiplier), bias
@@ -332,18 +376,22 @@ class LoraAdapter:
         index = _ModelIndex.of(model)
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in sd.items():
-            base, _, suffix = key.partition(".")
+            base, suffix = stem_and_suffix(key)
             if base == "bundle_emb":  # embeddings bundled for the prompt, not weights
                 continue
-            suffix = _SUFFIX_ALIASES.get(suffix, suffix)
             groups.setdefault(base, {})[suffix] = tensor
         total = sum(len(g) for g in groups.values())
         patches: dict[str, _Patch] = {}
         matched = skipped = 0
         unmatched: list[str] = []
+        unsupported: dict[str, int] = {}  # type (its keys) -> key count
         for base, parts in groups.items():
             if index.skips(base):
                 skipped += len(parts)
+                continue
+            if _kind(parts) is None or set(parts) - _KNOWN_SUFFIXES:
+                kind = "+".join(sorted(set(parts) - {"alpha", "scale", "dora_scale"})) or "alpha only"
+                unsupported[kind] = unsupported.get(kind, 0) + len(parts)
                 continue
             name = index.resolve(base)
             patch = _make_patch(base, parts, model.get_submodule(name)) if name else None
@@ -352,15 +400,21 @@ class LoraAdapter:
                 continue
             patches[name] = patch
             matched += len(parts)
-        report = KeyReport(matched, len(unmatched), skipped, tuple(dict.fromkeys(unmatched))[:_EXAMPLES])
+        unknown = sum(unsupported.values())
+        report = KeyReport(matched, len(unmatched), skipped, tuple(dict.fromkeys(unmatched))[:_EXAMPLES], unknown)
         if skipped:
             log.warning("LoRA: %d text-encoder keys skipped (OpenCLIP encoders are not supported)", skipped)
+        types = ", ".join(f"{kind} ({n} keys)" for kind, n in unsupported.items())
+        if unknown:
+            log.warning("LoRA: %d keys of module types this extension does not apply were skipped: %s "
+                        "(supported: %s)", unknown, types, SUPPORTED)
         if unmatched or not matched:
             examples = f" (e.g. {', '.join(report.unmatched_examples)})" if unmatched else ""
             skips = f", {skipped} text-encoder keys skipped" if skipped else ""
+            skips += f", {unknown} keys of unsupported module types skipped: {types}" if unknown else ""
             raise LoraError(
                 f"LoRA does not fit the source model ({index.family}): {matched} of {total} keys matched, "
-                f"{len(unmatched)} unmatched{examples}{skips}"
+                f"{len(unmatched)} unmatched{examples}{skips}. Supported module types: {SUPPORTED}."
             )
         log.info("LoRA: %d modules patched from %d of %d keys", len(patches), matched, total)
         return cls(patches, multiplier, report)
@@ -423,21 +477,16 @@ class LoraAdapter:
 
 def _make_patch(base: str, parts: dict[str, torch.Tensor], module: nn.Module) -> _Patch | None:
     """The module's patch, or None when the factor shapes do not fit its weight."""
-    unknown = sorted(set(parts) - _KNOWN_SUFFIXES)
     kind = _kind(parts)
-    if unknown or kind is None:
-        raise LoraError(
-            f"LoRA module {base} uses an unsupported adapter type (keys: {', '.join(sorted(parts))}); "
-            "supported: LoRA/LoCon, LoHa, LoKr, DoRA and full diff"
-        )
-    scalars = {k: float(parts[k].item()) for k in ("alpha", "scale") if k in parts}
+    assert kind is not None
+    scalars = {k: float(parts[k].item()) for k in ("alpha", "scale", "on_input") if k in parts}
     tensors = {k: v for k, v in parts.items() if k not in scalars}
     try:
         _check_shapes(kind, {k: tuple(v.shape) for k, v in tensors.items()}, tuple(module.weight.shape))
     except ValueError as exc:
         log.debug("LoRA %s does not fit %s: %s", base, type(module).__name__, exc)
         return None
-    return _Patch(module, kind, tensors, scalars.get("alpha"), scalars.get("scale"))
+    return _Patch(module, kind, tensors, scalars.get("alpha"), scalars.get("scale"), bool(scalars.get("on_input")))
 
 
 def _merge(patch: _Patch, module: nn.Module, multiplier: float) -> tuple[torch.Tensor, torch.Tensor | None]:

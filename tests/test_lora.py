@@ -288,6 +288,67 @@ def full_diff(tree: nn.Module) -> tuple[Tensors, Expected]:
     return sd, exp
 
 
+def norm(tree: nn.Module) -> tuple[Tensors, Expected]:
+    """LyCORIS train_norm: full weight and bias diffs of normalisation layers (A1111 network_norm)."""
+    sd, exp = {}, {}
+    for key, name in [("input_blocks_1_0_in_layers_0", U + "input_blocks.1.0.in_layers.0"), ("out_0", U + "out.0")]:
+        dw, db = r(8), r(8)
+        sd |= {f"lora_unet_{key}.w_norm": dw, f"lora_unet_{key}.b_norm": db}
+        exp[name] = (dw, db)
+    return sd, exp
+
+
+def ia3(tree: nn.Module) -> tuple[Tensors, Expected]:
+    """(IA)^3: dW = W * w per output row, or per input column when on_input (A1111 network_ia3)."""
+    sd, exp = {}, {}
+    for key, name, on_input in [
+        ("input_blocks_1_1_transformer_blocks_0_attn2_to_k", ATTN + "attn2.to_k", False),  # Linear(6, 8)
+        ("input_blocks_1_1_transformer_blocks_0_ff_net_2", ATTN + "ff.net.2", True),
+    ]:
+        weight = w(tree, name)
+        scale = r(weight.shape[1] if on_input else weight.shape[0])
+        sd |= {f"lora_unet_{key}.weight": scale, f"lora_unet_{key}.on_input": torch.tensor(on_input)}
+        exp[name] = (weight * (scale.reshape(1, -1) if on_input else scale.reshape(-1, 1)), None)
+    return sd, exp
+
+
+def peft(tree: nn.Module) -> tuple[Tensors, Expected]:
+    """diffusers / PEFT keys: dotted module paths under unet. and text_encoder., lora_A / lora_B, with and
+    without alpha; the older attention-processor names; a 1-D DoRA magnitude (per output row)."""
+    sd, exp = {}, {}
+    blocks = "unet.down_blocks.0.attentions.0"
+    for key, name, alpha in [
+        (f"{blocks}.transformer_blocks.0.attn1.to_q", ATTN + "attn1.to_q", None),
+        (f"{blocks}.transformer_blocks.0.attn1.to_out.0", ATTN + "attn1.to_out.0", 1.0),
+        (f"{blocks}.proj_in", U + "input_blocks.1.1.proj_in", None),
+        ("unet.mid_block.attentions.0.proj_in", U + "middle_block.1.proj_in", 4.0),
+        ("text_encoder.text_model.encoder.layers.0.mlp.fc1", TE + "encoder.layers.0.mlp.fc1", None),
+    ]:
+        weight = w(tree, name)
+        tail = [1] * (weight.dim() - 2)
+        up, down = r(weight.shape[0], 2), r(2, weight.shape[1])
+        sd |= {f"{key}.lora_B.weight": up.reshape(*up.shape, *tail), f"{key}.lora_A.weight": down.reshape(*down.shape, *tail)}
+        if alpha is not None:
+            sd[f"{key}.alpha"] = torch.tensor(alpha)
+        exp[name] = ((up @ down).reshape(weight.shape) * (alpha / 2 if alpha else 1.0), None)
+    for stem, name in [  # attention processors (diffusers < 0.21)
+        (f"{blocks}.transformer_blocks.0.attn1.processor.to_k_lora", ATTN + "attn1.to_k"),
+        ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer",
+         TE + "encoder.layers.0.self_attn.q_proj"),
+    ]:
+        up, down = r(*w(tree, name).shape[:1], 2), r(2, w(tree, name).shape[1])
+        sd |= {f"{stem}.up.weight": up, f"{stem}.down.weight": down}
+        exp[name] = (up @ down, None)
+    key, name = f"{blocks}.transformer_blocks.0.attn1.to_v", ATTN + "attn1.to_v"  # square: rows, not columns
+    weight, up, down = w(tree, name), r(8, 2), r(2, 8)
+    merged = weight + up @ down
+    norm_rows = merged.norm(dim=1, keepdim=True)
+    magnitude = norm_rows.flatten() * (1 + r(8))
+    sd |= {f"{key}.lora_B.weight": up, f"{key}.lora_A.weight": down, f"{key}.lora_magnitude_vector": magnitude}
+    exp[name] = (merged * magnitude.reshape(8, 1) / norm_rows - weight, None)
+    return sd, exp
+
+
 def text_encoder(tree: nn.Module) -> tuple[Tensors, Expected]:
     sd, exp = {}, {}
     for key, name, out, inn in [
@@ -323,6 +384,9 @@ FORMATS: dict[str, Callable[[nn.Module], tuple[Tensors, Expected]]] = {
         lokr,
         dora,
         full_diff,
+        norm,
+        ia3,
+        peft,
         text_encoder,
     ]
 }
@@ -508,9 +572,28 @@ def test_nothing_applicable_is_refused(tree, tmp_path):
         load(tree, {f"{key}.lora_up.weight": r(6, 2), f"{key}.lora_down.weight": r(2, 6)}, tmp_path)
 
 
-def test_unsupported_type_is_refused(tree, tmp_path):
-    with pytest.raises(LoraError, match="unsupported adapter type"):
-        load(tree, {"lora_unet_input_blocks_1_1_proj_in.oft_blocks": r(4, 2, 2)}, tmp_path)
+UNSUPPORTED = {  # OFT and GLoRA, which A1111 loads and this extension does not apply
+    "lora_unet_output_blocks_3_1_proj_in.oft_blocks": r(4, 2, 2),
+    "lora_unet_output_blocks_3_1_proj_in.alpha": torch.tensor(1.0),
+    **{f"lora_unet_input_blocks_1_1_proj_out.{k}.weight": r(2, 8) for k in ("a1", "a2", "b1", "b2")},
+}
+
+
+def test_unsupported_module_types_are_skipped_with_one_warning(tree, tmp_path, caplog):
+    sd, expected = kohya_ldm(tree)
+    with caplog.at_level(logging.WARNING, logger="delta_sampling"):
+        adapter = load(tree, sd | UNSUPPORTED, tmp_path)
+    assert set(adapter.module_names) == set(expected)
+    assert adapter.report.skipped_types == 6 and adapter.report.unmatched == 0
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "6 keys of module types this extension does not apply were skipped" in warnings[0]
+    assert "oft_blocks (2 keys)" in warnings[0] and "a1.weight+a2.weight+b1.weight+b2.weight (4 keys)" in warnings[0]
+
+
+def test_a_file_of_only_unsupported_types_is_refused(tree, tmp_path):
+    with pytest.raises(LoraError, match=r"0 of 6 keys matched, 0 unmatched, 6 keys of unsupported module types"):
+        load(tree, UNSUPPORTED, tmp_path)
 
 
 def test_openclip_text_encoder_keys_are_skipped(tmp_path, caplog):
