@@ -72,13 +72,24 @@ class SourceModel:
             self.adapters[key] = adapter
         return self.adapters[key]
 
+    def offload(self) -> None:
+        """Leave the GPU, stay in RAM (DS is off for a generation)."""
+        self.place(devices.cpu)
+
+    def place(self, device: torch.device) -> None:
+        if self.denoiser is not None and next(self.model.parameters()).device != torch.device(device):
+            self.denoiser.to(device)  # the denoiser wraps the model: its sigmas move with it
+            devices.torch_gc()
+
     def release(self) -> None:
         release(self)
 
 
 def cached_source(cache: Any, info: Any, role: str = "source checkpoint") -> SourceModel:
     """The source model for a CheckpointInfo from `cache`, keyed by file and hash; loaded on a miss."""
-    return cache.get(("ckpt", info.filename, info.shorthash or info.hash), lambda: load_source(info, role))
+    source = cache.get(("ckpt", info.filename, info.shorthash or info.hash), lambda: load_source(info, role))
+    source.place(devices.device)
+    return source
 
 
 def load_source(info: Any, role: str = "source checkpoint") -> SourceModel:

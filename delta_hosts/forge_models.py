@@ -139,8 +139,21 @@ class ForgeLora:
             yield
         finally:
             engine.forge_objects.clip = base_clip
-            self.source.unet.refresh_loras()
-            base_clip.patcher.refresh_loras()  # returns at once unless an encode attached the LoRA
+            with _keep_empty_cache_flag():
+                self.source.unet.refresh_loras()
+                base_clip.patcher.refresh_loras()  # returns at once unless an encode attached the LoRA
+
+
+@contextlib.contextmanager
+def _keep_empty_cache_flag() -> Iterator[None]:
+    """Forge's LoRA refresh asks the sampler to empty the CUDA cache (a device sync and re-allocations);
+    switching online patches frees nothing, so DS's two refreshes per step keep the host's flag as it was."""
+    saved = getattr(memory_management, "signal_empty_cache", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            memory_management.signal_empty_cache = saved
 
 
 def _attach(patcher: Any) -> None:
@@ -148,7 +161,8 @@ def _attach(patcher: Any) -> None:
     device = next(patcher.model.parameters()).device
     dtype = getattr(patcher.model, "computation_dtype", None)
     nested_move_to_device(patcher.lora_patches, device=device, **({"dtype": dtype} if dtype else {}))
-    patcher.refresh_loras()
+    with _keep_empty_cache_flag():
+        patcher.refresh_loras()
 
 
 @dataclass
@@ -190,6 +204,12 @@ class SourceModel:
             self.loras.clear()
             self.loras[key] = _load_lora(self, filename, multiplier)
         return self.loras[key]
+
+    def offload(self) -> None:
+        """Leave the GPU, stay in RAM: the host's own unload moves the weights to its offload device."""
+        forget_modules(memory_management.current_loaded_models,
+                       [self.unet.model, self.engine.forge_objects.clip.cond_stage_model],
+                       lambda entry: entry.model_unload())
 
     def release(self) -> None:
         release(self)

@@ -2,7 +2,7 @@
 source pair, surface errors through the sampler, and drop per-generation state afterwards.
 
 A host adapter passes its `models` module: find sources (`cached_source`) and name its model's latent
-format (`target_format`). Source models offer `encode`, `model_fn`, `lora` and `release`.
+format (`target_format`). Source models offer `encode`, `model_fn`, `lora`, `offload` and `release`.
 """
 
 from __future__ import annotations
@@ -66,9 +66,7 @@ def prepare(p: Any, settings: DeltaSettings, models: ModuleType | None, unsuppor
         p.extra_generation_params.pop(key, None)
     setattr(p, STATE_ATTR, None)
     if not settings.enabled:
-        if CACHE.entries:
-            logger.info("Delta Sampling is off: releasing the source models")
-            CACHE.clear()
+        rest_sources()
         return
     state = Prepared(settings)
     setattr(p, STATE_ATTR, state)
@@ -270,6 +268,39 @@ def trim_heap() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+LOW_RAM_FRACTION = 0.15
+
+
+def low_ram() -> bool:
+    """System RAM is low when less than 15% of it is available (psutil's `available`; Linux MemAvailable)."""
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        return memory.available < LOW_RAM_FRACTION * memory.total
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in f if ":" in line}
+        return info["MemAvailable"] < LOW_RAM_FRACTION * info["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return False
+
+
+def rest_sources() -> None:
+    """DS is off for this generation: cached sources leave the GPU but stay in RAM, so turning DS back on
+    loads nothing (the [DS] Enabled axis does that on every cell), unless system RAM is low."""
+    if not CACHE.entries:
+        return
+    if low_ram():
+        logger.info("Delta Sampling is off and system RAM is low: releasing the source models")
+        CACHE.clear()
+        return
+    for source in CACHE.entries.values():
+        source.offload()
 
 
 def free_sources() -> str:

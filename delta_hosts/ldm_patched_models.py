@@ -105,6 +105,11 @@ class SourceModel:
             self.loras[key] = _load_lora(self, filename, multiplier)
         return self.loras[key]
 
+    def offload(self) -> None:
+        """Leave the GPU, stay in RAM: out of the fork's loaded list, moved by its own unload."""
+        for engine in [self.base, *(lora.engine for lora in self.loras.values())]:
+            _drop(engine)
+
     def release(self) -> None:
         for lora in self.loras.values():
             _drop(lora.engine)

@@ -148,18 +148,34 @@ def test_source_patchers_load_with_the_target(forge):
     assert any(m.model is source.unet for m in forge.memory.current_loaded_models)
 
 
-def test_turning_ds_off_releases_the_source_engine(forge):
+def test_free_releases_the_source_engine(forge):
     write_lora(forge)
     generate(forge, lora_ds(strength=1.0))
     source = next(iter(forge.generation.CACHE.entries.values()))
     unet_module, clip_module = weakref.ref(source.unet.model), weakref.ref(source.engine.forge_objects.clip.cond_stage_model)
     del source
-    generate(forge)  # DS off
+    generate(forge)  # DS off: cached, off the device
+    forge.generation.free_sources()
     gc.collect()
     assert forge.generation.CACHE.entries == {}
     assert unet_module() is None and clip_module() is None  # nothing holds the weights any more
     assert all(m.model.model is not unet_module() for m in forge.memory.current_loaded_models)
     assert forge.memory.empty_cache_calls > 0
+
+
+def test_online_lora_switching_keeps_forges_empty_cache_flag(forge):
+    """Forge's LoRA refresh sets signal_empty_cache (a CUDA cache flush per step); DS switches its online
+    patches twice per step and frees nothing, so the host's flag stays as it was."""
+    write_lora(forge)
+    generate(forge, lora_ds(strength=1.0))
+    source = next(iter(forge.generation.CACHE.entries.values()))
+    lora = next(iter(source.loras.values()))
+    refreshes = source.unet.lora_loader.refreshes
+    forge.memory.signal_empty_cache = False
+    with lora.enabled():
+        source.encode([PROMPT], ["blurry"], 4, None, 64, 64)
+    assert source.unet.lora_loader.refreshes == refreshes + 2  # the patches were switched in and out
+    assert forge.memory.signal_empty_cache is False
 
 
 def test_free_button_and_source_change_release(forge):

@@ -58,7 +58,8 @@ def test_two_copies_load_with_the_target_and_are_released(ldm_patched):
     assert all(any(m.model is p for m in ldm_patched.memory.current_loaded_models) for p in patchers)
     refs = [weakref.ref(p.model) for p in patchers]
     del source, patchers
-    generate(ldm_patched)  # DS off
+    generate(ldm_patched)  # DS off: cached, off the device
+    ldm_patched.generation.free_sources()
     gc.collect()
     assert ldm_patched.generation.CACHE.entries == {} and all(r() is None for r in refs)
 

@@ -137,7 +137,7 @@ def test_interrupts_and_errors_leave_no_patch_and_the_flags_unchanged(neo, monke
     assert_neo_clean(neo) or neo.dynamic_args.kontext is True
 
 
-def test_turning_ds_off_releases_the_source_with_neos_unload(neo):
+def test_free_releases_the_source_with_neos_unload(neo):
     write_lora(neo)
     generate(neo, lora_ds(strength=1.0))
     source = next(iter(neo.generation.CACHE.entries.values()))
@@ -145,7 +145,8 @@ def test_turning_ds_off_releases_the_source_with_neos_unload(neo):
     unet_module = weakref.ref(source.unet.model)
     clip_module = weakref.ref(source.engine.forge_objects.clip.cond_stage_model)
     del source
-    generate(neo)  # DS off
+    generate(neo)  # DS off: cached, off the device
+    neo.generation.free_sources()
     gc.collect()
     assert neo.generation.CACHE.entries == {}
     assert unet_module() is None and clip_module() is None

@@ -2,6 +2,8 @@
 
 import torch
 
+from backend import memory_management
+
 
 def model_lora_keys_unet(model, key_map={}):  # noqa: B006 - the real signature has this default
     for name, _ in model.named_parameters():
@@ -60,6 +62,7 @@ class LoraLoader:
         if hashes == self.loaded_hash and not force_refresh:
             return
         self.refreshes += 1
+        memory_management.signal_empty_cache = True  # Forge: the sampler empties the CUDA cache next
         for m in set(self.online_backup):
             del m.forge_online_loras
         self.online_backup = []
