@@ -79,6 +79,7 @@ def on_cfg_denoiser(params: Any) -> None:
         x, sigma = params.x[-batch:], params.sigma[-batch:]
         progress = schedules.progress_from_calls(denoiser.step, denoiser.total_steps or 1)
         state.run.nmask = denoiser.nmask if denoiser.mask is not None else None
+        state.run.pair.cfg_multiplier = float(getattr(denoiser, "cond_scale_miltiplier", 1.0))  # CFG++
         state.run.capture(StepInput(x, sigma, denoiser.step, progress, skips_uncond(denoiser, sigma)))
         ACTIVE.append(state)
     except Exception as e:

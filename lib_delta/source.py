@@ -72,11 +72,12 @@ class CfgSourcePair:
     cfg_scale: float
     sigma_max: float = math.inf  # the source's highest trained noise level (VP sigma)
     title: str = ""
+    cfg_multiplier: float = 1.0  # the target sampler's own CFG factor (A1111's DDIM CFG++: 1/12.5)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, *, adapted: bool, step: int,
                 skip_uncond: bool) -> torch.Tensor:
         branch = self.adapted if adapted else self.base
-        return branch.denoise(x, sigma, step, self.cfg_scale, skip_uncond)
+        return branch.denoise(x, sigma, step, self.cfg_scale * self.cfg_multiplier, skip_uncond)
 
 
 class ModelCache:

@@ -7,7 +7,7 @@ import torch
 
 from lib_delta.spec import DeltaSettings
 
-SAMPLERS = ["Euler", "Euler a", "Heun", "DPM++ 2M", "DDIM"]
+SAMPLERS = ["Euler", "Euler a", "Heun", "DPM++ 2M", "DDIM", "DDIM CFG++"]
 PROMPT = "a red fox in snow"
 
 

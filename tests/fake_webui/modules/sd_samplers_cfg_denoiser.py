@@ -24,6 +24,8 @@ class CFGDenoiser(torch.nn.Module):
         self.sampler = sampler
         self.p = None
         self.cond_scale_miltiplier = 1.0
+        self.need_last_noise_uncond = False
+        self.last_noise_uncond = None
 
     @property
     def inner_model(self):
@@ -76,6 +78,8 @@ class CFGDenoiser(torch.nn.Module):
             fake_uncond = torch.cat([x_out[i:i + 1] for i in denoised_image_indexes])
             x_out = torch.cat([x_out, fake_uncond])
         cfg_denoised_callback(CFGDenoisedParams(x_out, state.sampling_step, state.sampling_steps, self.inner_model))
+        if self.need_last_noise_uncond:
+            self.last_noise_uncond = torch.clone(x_out[-uncond.shape[0]:])
         if skip_uncond:
             denoised = self.combine_denoised(x_out, conds_list, uncond, 1.0)
         else:

@@ -1,4 +1,5 @@
-"""A1111's timestep samplers (DDIM): eps outputs and integer timesteps through the same CFG denoiser."""
+"""A1111's timestep samplers (DDIM, DDIM CFG++): eps outputs and integer timesteps through the same CFG
+denoiser. CFG++ scales the CFG by 1/12.5 and steps along the unconditional noise, as 1.10.1's ddim_cfgpp."""
 
 import torch
 from modules import sd_samplers, sd_samplers_common, shared
@@ -29,6 +30,7 @@ class CFGDenoiserTimesteps(CFGDenoiser):
 
 class CompVisSampler:
     def __init__(self, funcname, sd_model):
+        self.funcname = funcname
         self.config = sd_samplers.find_sampler_config("DDIM")
         self.model_wrap_cfg = CFGDenoiserTimesteps(self)
         self.last_latent = None
@@ -45,13 +47,16 @@ class CompVisSampler:
         alphas = alphas_cumprod[timesteps]
         alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].double()
         s_in = x.new_ones(x.shape[0])
+        cfgpp = self.funcname == "ddim_cfgpp"
+        if cfgpp:
+            d.cond_scale_miltiplier, d.need_last_noise_uncond = 1 / 12.5, True
         try:
             for i in range(len(timesteps) - 1):
                 index = len(timesteps) - 1 - i
                 e_t = d(x, timesteps[index].item() * s_in, **extra_args)
                 a_t, a_prev = alphas[index].item(), alphas_prev[index].item()
                 pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
-                x = a_prev ** 0.5 * pred_x0 + (1 - a_prev) ** 0.5 * e_t
+                x = a_prev ** 0.5 * pred_x0 + (1 - a_prev) ** 0.5 * (d.last_noise_uncond if cfgpp else e_t)
         except sd_samplers_common.InterruptedException:
             return x
         return x
