@@ -94,13 +94,17 @@ def warn_if_missing(kind: str, name: str) -> None:
 
 
 def free_sources() -> None:
-    """Release every cached source model, on Forge's generation thread when there is one."""
+    """Release every cached source model after the running generation: on Forge's generation thread, or
+    under A1111's queue lock (held by every UI and API generation), never under a running sampler."""
     from . import generation
 
     try:
         from modules_forge import main_thread
     except ImportError:
-        message = generation.free_sources()
+        from modules import call_queue
+
+        with call_queue.queue_lock:
+            message = generation.free_sources()
     else:
         message = main_thread.run_and_wait_result(generation.free_sources)
     logger.info("%s", message)

@@ -220,6 +220,23 @@ def test_free_button_releases_cached_sources(webui):
     assert webui.a1111.CACHE.entries == {} and gradio.warnings[-1] == "Released 1 source model(s)."
 
 
+def test_free_button_waits_for_the_running_generation(webui):
+    """A1111 runs the button beside a generation: it frees only when the job's queue lock is released."""
+    import threading
+
+    from modules import call_queue
+
+    generate(webui, ds())
+    call_queue.queue_lock.acquire()  # a generation is running
+    clicked = threading.Thread(target=webui.module.ui.free_sources)
+    clicked.start()
+    clicked.join(0.5)
+    assert clicked.is_alive() and webui.a1111.CACHE.entries  # the sampler keeps its source
+    call_queue.queue_lock.release()
+    clicked.join(10)
+    assert not clicked.is_alive() and webui.a1111.CACHE.entries == {}
+
+
 def test_a_fork_missing_what_its_adapter_needs_gets_a_clear_refusal(webui):
     import delta_hosts
 
