@@ -135,6 +135,7 @@ def _post_cfg(state: Prepared, configured_cfg: float) -> Any:
             return run.apply(denoised)
         except Exception as e:
             abort(state, as_delta_error(e))
+            return denoised
 
     setattr(delta_sampling_post_cfg, DS_TAG, True)
     return delta_sampling_post_cfg
@@ -149,5 +150,6 @@ def on_cfg_denoiser(params: Any) -> None:
     if shared.sd_model is not state.target:
         abort(state, DeltaError("Delta Sampling: the refiner switched models mid-sampling; on Forge the DS "
                                 "patch does not follow it. Turn the refiner off while DS is on."))
+        return
     progress = schedules.progress_from_calls(denoiser.step, denoiser.total_steps or 1)
     state.host["step"] = StepCount(denoiser.step, progress)

@@ -34,10 +34,6 @@ INFOTEXT_KEYS = (INFOTEXT_KEY, *(f.label for f in FIELDS if f.readable))
 PATCHED_UNETS: weakref.WeakSet = weakref.WeakSet()  # Forge: target UNet clones carrying DS, for release
 
 
-class DeltaAbort(BaseException):  # noqa: N818 - escapes the hosts' `except Exception` around callbacks
-    """Stops the sampler loop; the guarded sampler turns it back into the DeltaError it carries."""
-
-
 @dataclass
 class Prepared:
     settings: DeltaSettings
@@ -113,10 +109,18 @@ def fail(state: Prepared, error: DeltaError) -> None:
 
 
 def abort(state: Prepared, error: DeltaError) -> None:
-    """Fail mid-sampling: raise past the host's `except Exception` so no image is made."""
+    """Fail mid-sampling through the host's own interrupt: the sampler stops at its next step and the
+    guarded sampler raises the stored error, so no image is made. Never raises from a callback: a
+    BaseException that escaped a replaced sampler would kill Forge's generation thread."""
     fail(state, error)
     state.run = None
-    raise DeltaAbort(str(error))
+    host_state = shared.state
+    state.host.setdefault("interrupted", host_state.interrupted)  # put back by the guard
+    interrupt = getattr(host_state, "interrupt", None)
+    if callable(interrupt):
+        interrupt()
+    else:
+        host_state.interrupted = True
 
 
 def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
@@ -183,12 +187,14 @@ def guard_sampler(p: Any, state: Prepared, on_exit: Callable[[], None]) -> None:
             if state.error is not None:
                 raise state.error
             try:
-                return _original(sampler, *args, **kwargs)
-            except DeltaAbort as stop:
-                raise state.error or DeltaError(str(stop)) from None
+                result = _original(sampler, *args, **kwargs)
             finally:
                 on_exit()
                 state.run = None  # the pass is over: drop its conds and captured tensors
+            if state.error is not None:  # DS stopped the sampler through the host's interrupt
+                shared.state.interrupted = state.host.pop("interrupted", shared.state.interrupted)
+                raise state.error
+            return result
 
         setattr(sampler, name, guarded)
 

@@ -214,6 +214,37 @@ def test_non_finite_delta_mid_sampling_stops_the_generation(forge, monkeypatch):
     assert_host_clean(forge)
 
 
+def test_a_ds_error_stops_through_the_hosts_interrupt_and_restores_it(forge, monkeypatch):
+    """Nothing but an Exception leaves DS: Forge's main_thread worker catches only Exception."""
+    generate(forge, ds(strength=1.0))
+    source = next(iter(forge.generation.CACHE.entries.values()))
+    calls = []
+    monkeypatch.setattr(source, "model_fn", lambda x, s, c: calls.append(1) or torch.full_like(x, float("nan")))
+    with pytest.raises(DeltaError, match="non-finite"):  # an Exception: what main_thread.Task.work catches
+        generate(forge, ds(strength=1.0), steps=8)
+    assert len(calls) == 2  # one step's pair, then the sampler stopped at the next step
+    assert forge.shared.state.interrupted is False  # the host's flag is put back
+    assert_host_clean(forge)
+
+
+def test_without_the_sampler_guard_no_base_exception_escapes(forge, monkeypatch):
+    """Another script replaced p.sampler after DS guarded it: the run still stops through the host's
+    interrupt, with the message, and nothing kills the generation thread."""
+    import gradio
+
+    generate(forge, ds(strength=1.0))
+    source = next(iter(forge.generation.CACHE.entries.values()))
+    monkeypatch.setattr(source, "model_fn", lambda x, s, c: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(forge.generation, "guard_sampler", lambda p, state, on_exit: None)
+    try:
+        generate(forge, ds(strength=1.0), steps=8)
+    except Exception:  # noqa: S110 - only a BaseException would fail this test
+        pass
+    finally:
+        interrupted, forge.shared.state.interrupted = forge.shared.state.interrupted, False
+    assert interrupted is True and "non-finite" in gradio.warnings[-1]
+
+
 def test_ckpt_source_is_read_weights_only(forge, tmp_path):
     path = tmp_path / "models" / "pickled.ckpt"
     torch.save({"state_dict": safetensors.torch.load_file(forge.checkpoints["sd15_a"].filename)}, str(path))
