@@ -6,9 +6,11 @@ tag modules for the Lora extension, which would merge the prompt's <lora:...> in
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +57,7 @@ class SourceModel:
 
     def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
         cond_dict = cond if isinstance(cond, dict) else {"c_crossattn": [cond]}
-        with devices.autocast():
+        with devices.autocast(), _own_unet():
             return self.denoiser(x, sigma, cond=cond_dict).to(x.dtype)
 
     def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
@@ -83,6 +85,20 @@ class SourceModel:
 
     def release(self) -> None:
         release(self)
+
+
+@contextlib.contextmanager
+def _own_unet() -> Iterator[None]:
+    """A selected SD Unet (TensorRT, ...) answers every UNetModel.forward with the target's engine, which
+    would make the delta ~0: the source runs its own UNet, and the selection is put back right after."""
+    from modules import sd_unet
+
+    selected = sd_unet.current_unet
+    sd_unet.current_unet = None
+    try:
+        yield
+    finally:
+        sd_unet.current_unet = selected
 
 
 def cached_source(cache: Any, info: Any, role: str = "source checkpoint") -> SourceModel:

@@ -242,3 +242,25 @@ def test_api_args_that_are_not_valid_values_fail_instead_of_falling_back(webui, 
         webui.processing.process_images(p)
     ok, _, _ = generate(webui, ds())
     assert torch.isfinite(ok).all()
+
+
+def test_a_selected_sd_unet_never_answers_for_the_source(webui, monkeypatch):
+    """TensorRT & co. redirect every UNetModel.forward to the target's engine: the source keeps its own."""
+    from modules import sd_unet
+    from tinyldm import TinyUNet
+
+    settings = ds(strength=2.0, source="sd15_b")
+    plain, _, _ = generate(webui, settings)
+    target_unet, own_forward = webui.shared.sd_model.model.diffusion_model, TinyUNet.forward
+    calls = []
+
+    class TargetEngine:  # what a TensorRT engine of the target computes
+        def forward(self, x, timesteps, context):
+            calls.append(1)
+            return own_forward(target_unet, x, timesteps, context)
+
+    monkeypatch.setattr(TinyUNet, "forward", sd_unet.create_unet_forward(own_forward))
+    monkeypatch.setattr(sd_unet, "current_unet", TargetEngine())
+    redirected, _, _ = generate(webui, settings)
+    assert calls and sd_unet.current_unet is not None  # the target ran on the engine; selection kept
+    torch.testing.assert_close(redirected, plain, rtol=1e-5, atol=1e-5)
