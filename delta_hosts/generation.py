@@ -129,9 +129,9 @@ def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
     hr = bool(getattr(p, "is_hr_pass", False))
     prompts = list(p.hr_prompts if hr else p.prompts)
     negatives = list(p.hr_negative_prompts if hr else p.negative_prompts)
-    base_prompts = [s.base_prompt] * len(prompts) if s.base_prompt else prompts
-    adapted_prompts = [s.adapted_prompt] * len(prompts) if s.adapted_prompt else base_prompts
-    negatives = [s.negative_prompt] * len(prompts) if s.negative_prompt else negatives
+    base_prompts = per_image(s.base_prompt, prompts)
+    adapted_prompts = per_image(s.adapted_prompt, prompts) if s.adapted_prompt else base_prompts
+    negatives = per_image(s.negative_prompt, negatives)
     steps, hires_steps = _steps(p, hr)
     width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr else (p.width, p.height)
 
@@ -151,6 +151,17 @@ def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
     cfg = getattr(p, "hr_cfg", None) if hr else None  # Forge's hires CFG
     return CfgSourcePair(src.latent_format, base, adapted, s.source_cfg or float(cfg or p.cfg_scale),
                          getattr(src, "sigma_max", math.inf), src.title)
+
+
+PROMPT_PLACEHOLDER = "{prompt}"
+
+
+def per_image(template: str, own: list[str]) -> list[str]:
+    """A DS prompt box for each image of the batch: `{prompt}` is that image's own (target) prompt; an
+    empty box is the image's own prompt (per-image prompts and wildcards stay per image)."""
+    if not template:
+        return list(own)
+    return [template.replace(PROMPT_PLACEHOLDER, text) for text in own]
 
 
 def _conds_at(c: Any, uc: Any) -> Callable[[int], tuple]:

@@ -11,9 +11,9 @@
         "DS schedule": "How lambda changes over the active window of the sampling steps.",
         "DS start": "Fraction of sampling where DS starts.",
         "DS end": "Fraction of sampling where DS stops.",
-        "DS base prompt": "Prompt for the source base model. Empty: the target's prompt.",
-        "DS adapted prompt": "Prompt for the adapted source model (add trigger words here). Empty: the base prompt.",
-        "DS negative prompt": "Negative prompt for both source models. Empty: the target's negative prompt.",
+        "DS base prompt": "Prompt for the source base model; {prompt} stands for each image's own prompt. Empty: the target's prompt.",
+        "DS adapted prompt": "Prompt for the adapted source model (add trigger words here); {prompt} stands for each image's own prompt, e.g. '{prompt}, pixel art'. Empty: the base prompt.",
+        "DS negative prompt": "Negative prompt for both source models; {prompt} stands for each image's own negative prompt. Empty: the target's negative prompt.",
         "DS source CFG": "CFG scale for the source pair. 0: the target's CFG scale."
     };
     if (typeof titles === "undefined") {

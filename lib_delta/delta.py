@@ -33,8 +33,11 @@ def combine_cfg(out: torch.Tensor, conds_list: CondsList, scale: float) -> torch
 
 def require_finite(delta: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(delta).all():
-        raise DeltaError("Delta Sampling: the source pair produced a non-finite delta (NaN/inf). "
-                         "Try full precision (--no-half) or a different source/adapter.")
+        raise DeltaError("Delta Sampling: the source pair produced a non-finite delta (NaN/inf), usually fp16 "
+                         "overflow. Try the WebUI's upcast options first (A1111: Settings > Optimizations > "
+                         "'Upcast cross attention layer to float32', or --upcast-sampling; Forge: "
+                         "--force-upcast-attention or --unet-in-bf16), then another source or adapter; full "
+                         "precision (--no-half) is the last resort: it doubles the memory of every model.")
     return delta
 
 

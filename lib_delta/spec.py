@@ -53,11 +53,14 @@ FIELDS: tuple[Field, ...] = (
     Field("start", "DS start", "st", float, 0.0, 0.0, 1.0, 0.01, tooltip="Fraction of sampling where DS starts."),
     Field("end", "DS end", "en", float, 1.0, 0.0, 1.0, 0.01, tooltip="Fraction of sampling where DS stops."),
     Field("base_prompt", "DS base prompt", "bp", str, "",
-          tooltip="Prompt for the source base model. Empty: the target's prompt."),
+          tooltip="Prompt for the source base model; {prompt} stands for each image's own prompt. "
+                  "Empty: the target's prompt."),
     Field("adapted_prompt", "DS adapted prompt", "ap", str, "",
-          tooltip="Prompt for the adapted source model (add trigger words here). Empty: the base prompt."),
+          tooltip="Prompt for the adapted source model (add trigger words here); {prompt} stands for each "
+                  "image's own prompt, e.g. '{prompt}, pixel art'. Empty: the base prompt."),
     Field("negative_prompt", "DS negative prompt", "np", str, "",
-          tooltip="Negative prompt for both source models. Empty: the target's negative prompt."),
+          tooltip="Negative prompt for both source models; {prompt} stands for each image's own negative "
+                  "prompt. Empty: the target's negative prompt."),
     Field("source_cfg", "DS source CFG", "cfg", float, 0.0, 0.0, 30.0, 0.5,
           tooltip="CFG scale for the source pair. 0: the target's CFG scale."),
 )

@@ -68,6 +68,19 @@ def test_batch_with_different_prompts_and_and_subprompts(webui):
     assert not torch.allclose(off, native, atol=1e-3)
 
 
+def test_prompt_placeholder_follows_each_image_of_a_batch(webui):
+    """`{prompt}` in a DS prompt box is each image's own prompt (per-image prompts, wildcards): with
+    source == target at lambda 1, image i is the native image of its own filled-in adapted prompt."""
+    prompts = ["a red fox in snow", "a cat on a roof"]
+    settings = ds(adapted_prompt="{prompt}, oil painting", strength=1.0)
+    native, _, _ = generate(webui, prompts_list=[f"{t}, oil painting" for t in prompts], batch_size=2)
+    on, _, _ = generate(webui, settings, prompts_list=prompts, batch_size=2)
+    torch.testing.assert_close(on, native, rtol=1e-4, atol=1e-4)
+    fixed, _, _ = generate(webui, ds(adapted_prompt="a red fox in snow, oil painting", strength=1.0),
+                           prompts_list=prompts, batch_size=2)
+    assert not torch.allclose(fixed[1], native[1], atol=1e-3)  # one prompt for the batch: image 2 is wrong
+
+
 def test_batch_count_reuses_the_cached_source(webui):
     generate(webui, ds(), n_iter=2)
     generate(webui, ds())
