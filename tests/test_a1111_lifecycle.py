@@ -9,7 +9,7 @@ import re
 import pytest
 import safetensors.torch
 import torch
-from test_a1111_sampling import PROMPT, ds, generate
+from test_a1111_sampling import ds, generate
 from tinyldm import CTX, DIM, TinyLDM
 
 from lib_delta import DeltaError
@@ -201,11 +201,14 @@ def registered(webui) -> dict[str, int]:
 def test_callbacks_are_registered_once_and_inert_when_off(webui):
     counts = registered(webui)
     assert counts["callbacks_cfg_denoiser"] == 1 and counts["callbacks_cfg_after_cfg"] == 1
+    first_off, _, _ = generate(webui)
     for _ in range(2):
-        generate(webui, ds())
+        on, _, _ = generate(webui, ds(strength=2.0))
         generate(webui)
     assert registered(webui) == counts
-    assert webui.shared.sd_model.training is False and PROMPT
+    assert not torch.equal(on, first_off)
+    assert torch.equal(generate(webui)[0], first_off)  # inert when off: the DS-off image never changes
+    assert webui.shared.sd_model.training is False
 
 
 @pytest.mark.parametrize(("refiner_sdxl", "fails"), [(False, False), (True, True)])
