@@ -499,6 +499,22 @@ def test_half_precision_weights_merge_in_their_dtype(tree, tmp_path):
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_half_precision_merge_matches_fp32_within_rounding(tree, tmp_path, fmt, dtype):
+    """Each format merged in a bf16 / fp16 model (factors cast to the weight's dtype) is within a few
+    ulps of the fp32 merge: errors are measured against max(|W|, |W'|), what the dtype can represent."""
+    sd, expected = FORMATS[fmt](tree)
+    want = {name: load(tree, sd, tmp_path).merged_weight(name)[0] for name in expected}
+    half = copy.deepcopy(tree).to(dtype)
+    adapter = load(half, sd, tmp_path)
+    for name, full in want.items():
+        merged, _ = adapter.merged_weight(name)
+        assert merged.dtype == dtype
+        scale = torch.maximum(full.abs().max(), w(tree, name).abs().max())
+        assert (merged.float() - full).abs().max() <= 8 * torch.finfo(dtype).eps * scale, name
+
+
 def test_works_under_inference_mode(tree, tmp_path):
     sd, expected = kohya_ldm(tree)
     adapter = load(tree, sd, tmp_path)
