@@ -22,6 +22,7 @@ from lib_delta.lora import LoraAdapter
 
 from .files import find_checkpoint, read_weights, split_title  # noqa: F401 - re-exported
 from .generation import encode_prompts, loading_source
+from .memory import MemoryPolicy
 
 
 def flag_format(model: Any) -> latent.LatentFormat | None:
@@ -47,6 +48,7 @@ class SourceModel:
     denoiser: torch.nn.Module
     latent_format: latent.LatentFormat
     adapters: dict[tuple, LoraAdapter] = field(default_factory=dict)
+    on_device: bool = False
 
     @property
     def sigma_max(self) -> float:
@@ -62,8 +64,26 @@ class SourceModel:
 
     def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
                width: int, height: int) -> tuple[Any, Any]:
-        with devices.autocast():
+        with devices.autocast(), self._encoding():
             return encode_prompts(self.model, prompts, negatives, steps, hires_steps, width, height)
+
+    @contextlib.contextmanager
+    def _encoding(self) -> Iterator[None]:
+        """The text encoders are on the device only while they encode."""
+        if getattr(self.model, "lowvram", False):  # A1111's hook brings them in; send them back out after
+            from modules import lowvram
+
+            try:
+                yield
+            finally:
+                lowvram.send_everything_to_cpu()
+            return
+        encoder = text_encoders(self.model)
+        encoder.to(devices.device)
+        try:
+            yield
+        finally:
+            encoder.to(devices.cpu)
 
     def lora(self, filename: str, multiplier: float) -> LoraAdapter:
         key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
@@ -74,14 +94,37 @@ class SourceModel:
             self.adapters[key] = adapter
         return self.adapters[key]
 
-    def offload(self) -> None:
-        """Leave the GPU, stay in RAM (DS is off for a generation)."""
-        self.place(devices.cpu)
+    def to_device(self) -> None:
+        """Ready to run (policy: memory.MemoryPolicy): the UNet on the device, text encoders on the CPU;
+        under --medvram/--lowvram A1111's own hooks move the UNet (or its blocks) in while it runs."""
+        if self.on_device or self.denoiser is None:
+            return
+        if policy(self.model).low_vram:
+            from modules import lowvram
 
-    def place(self, device: torch.device) -> None:
-        if self.denoiser is not None and next(self.model.parameters()).device != torch.device(device):
-            self.denoiser.to(device)  # the denoiser wraps the model: its sigmas move with it
-            devices.torch_gc()
+            if not hasattr(getattr(self.model, "first_stage_model", None), "decode"):
+                self.model.first_stage_model = NoVae()
+            lowvram.setup_for_low_vram(self.model, not shared.cmd_opts.lowvram)
+            with _without(self.denoiser, "inner_model"):
+                self.denoiser.to(devices.device)  # the denoiser's own sigmas
+        else:
+            with _without(self.model, text_encoder_field(self.model)):
+                self.denoiser.to(devices.device)
+        self.on_device = True
+
+    def offload(self) -> None:
+        """Leave the device, stay in RAM (DS is off for a generation)."""
+        if not self.on_device:
+            return
+        if getattr(self.model, "lowvram", False):
+            from modules import lowvram
+
+            if any(lowvram.module_in_gpu is m for m in self.model.modules()):
+                lowvram.send_everything_to_cpu()  # the small always-resident parts stay
+        else:
+            self.denoiser.to(devices.cpu)
+            self.on_device = False
+        devices.torch_gc()
 
     def release(self) -> None:
         release(self)
@@ -101,10 +144,47 @@ def _own_unet() -> Iterator[None]:
         sd_unet.current_unet = selected
 
 
+class NoVae(torch.nn.Module):
+    """Stands in for the VAE a source never uses (A1111's low-VRAM set-up wraps encode/decode)."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a Delta Sampling source has no VAE")
+
+    decode = encode
+
+
+def policy(model: Any) -> MemoryPolicy:
+    """A1111's flags, as it reads them for its own model (`lowvram.is_needed`)."""
+    from modules import lowvram
+
+    if not lowvram.is_needed(model):
+        return MemoryPolicy()
+    return MemoryPolicy("lowvram" if shared.cmd_opts.lowvram else "medvram")
+
+
+def text_encoder_field(model: Any) -> str:
+    return "conditioner" if hasattr(model, "conditioner") else "cond_stage_model"
+
+
+def text_encoders(model: Any) -> torch.nn.Module:
+    return getattr(model, text_encoder_field(model))
+
+
+@contextlib.contextmanager
+def _without(parent: torch.nn.Module, name: str) -> Iterator[None]:
+    """`parent` without one child while moving it: that child stays where it is."""
+    child = getattr(parent, name)
+    setattr(parent, name, None)
+    try:
+        yield
+    finally:
+        setattr(parent, name, child)
+
+
 def cached_source(cache: Any, info: Any, role: str = "source checkpoint") -> SourceModel:
     """The source model for a CheckpointInfo from `cache`, keyed by file and hash; loaded on a miss."""
     source = cache.get(("ckpt", info.filename, info.shorthash or info.hash), lambda: load_source(info, role))
-    source.place(devices.device)
+    source.to_device()
     return source
 
 
@@ -132,7 +212,7 @@ def _instantiate(info: Any, state_dict: dict[str, torch.Tensor]) -> torch.nn.Mod
     with sd_disable_initialization.DisableInitialization(disable_clip=True), \
             sd_disable_initialization.InitializeOnMeta():
         model = sd_models.instantiate_from_config(config.model, state_dict)
-    model.first_stage_model = torch.nn.Identity()  # the source never decodes; keep no VAE
+    model.first_stage_model = NoVae()  # the source never decodes; keep no VAE
     conversion = None if shared.cmd_opts.no_half else {"alphas_cumprod": None, "": torch.float16}
     with sd_disable_initialization.LoadStateDictOnMeta(state_dict, device=devices.cpu,
                                                        weight_dtype_conversion=conversion):
@@ -149,8 +229,8 @@ def _instantiate(info: Any, state_dict: dict[str, torch.Tensor]) -> torch.nn.Mod
     model.is_sdxl_inpaint = False
     alphas = model.alphas_cumprod
     model.alphas_cumprod = None
-    model.to(devices.device, devices.dtype_unet)
-    model.alphas_cumprod = alphas.to(devices.device, torch.float32)
+    model.to(devices.dtype_unet)  # on the CPU: SourceModel.to_device places it
+    model.alphas_cumprod = alphas.to(torch.float32)
     model.alphas_cumprod_original = model.alphas_cumprod
     sd_models.apply_alpha_schedule_override(model)  # the host's downcast / zero-terminal-SNR options
     model.eval().requires_grad_(False)

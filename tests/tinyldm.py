@@ -17,6 +17,24 @@ def _seq(**modules: nn.Module) -> nn.Module:
     return m
 
 
+class _Block(nn.ModuleList):
+    """A called UNet block (like ldm's TimestepEmbedSequential), so per-block hooks fire as on the real one."""
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self[0](h) + emb[:, :, None, None] if isinstance(self[0], nn.Conv2d) else _attend(self[1], h, context)
+
+
+def _attend(tr: nn.Module, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    b, c, hh, ww = h.shape
+    tokens = tr.proj_in(h).flatten(2).transpose(1, 2)
+    attn = tr.transformer_blocks[0].attn2
+    q, k, v = attn.to_q(tokens), attn.to_k(context), attn.to_v(context)
+    weights = torch.softmax(q @ k.transpose(1, 2) / DIM**0.5, -1)
+    tokens = tokens + attn.to_out[0](weights @ v)
+    tokens = tokens + torch.tanh(tr.transformer_blocks[0].ff.net[0].proj(tokens))
+    return h + tr.proj_out(tokens.transpose(1, 2).reshape(b, c, hh, ww))
+
+
 class TinyUNet(nn.Module):
     """input_blocks.0.0 conv -> cross-attention block input_blocks.1.1 -> out.2 conv, with time_embed."""
 
@@ -28,8 +46,8 @@ class TinyUNet(nn.Module):
         block = _seq(attn2=attn, ff=_seq(net=nn.ModuleList([_seq(proj=nn.Linear(DIM, DIM))])))
         transformer = _seq(proj_in=nn.Conv2d(DIM, DIM, 1), transformer_blocks=nn.ModuleList([block]),
                            proj_out=nn.Conv2d(DIM, DIM, 1))
-        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(4, DIM, 3, padding=1)]),
-                                           nn.ModuleList([nn.Identity(), transformer])])
+        self.input_blocks = nn.ModuleList([_Block([nn.Conv2d(4, DIM, 3, padding=1)]),
+                                           _Block([nn.Identity(), transformer])])
         self.out = nn.Sequential(nn.GroupNorm(4, DIM), nn.SiLU(), nn.Conv2d(DIM, 4, 3, padding=1))
         self.in_channels = 4
 
@@ -37,16 +55,9 @@ class TinyUNet(nn.Module):
         freqs = torch.exp(-torch.arange(4, dtype=torch.float32) * 2.0)
         angles = t.float()[:, None] / 100.0 * freqs[None]
         emb = self.time_embed(torch.cat([angles.sin(), angles.cos()], 1))
-        h = self.input_blocks[0][0](x) + emb[:, :, None, None]
-        tr = self.input_blocks[1][1]
-        b, c, hh, ww = h.shape
-        tokens = tr.proj_in(h).flatten(2).transpose(1, 2)
-        attn = tr.transformer_blocks[0].attn2
-        q, k, v = attn.to_q(tokens), attn.to_k(context), attn.to_v(context)
-        weights = torch.softmax(q @ k.transpose(1, 2) / DIM**0.5, -1)
-        tokens = tokens + attn.to_out[0](weights @ v)
-        tokens = tokens + torch.tanh(tr.transformer_blocks[0].ff.net[0].proj(tokens))
-        h = h + tr.proj_out(tokens.transpose(1, 2).reshape(b, c, hh, ww))
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
         return self.out(h)
 
 
@@ -60,11 +71,21 @@ class TinyTextModel(nn.Module):
         layer = _seq(self_attn=attn)
         text_model = _seq(embeddings=_seq(token_embedding=nn.Embedding(VOCAB, CTX)),
                           encoder=_seq(layers=nn.ModuleList([layer])))
-        self.transformer = _seq(text_model=text_model)
+        self.transformer = _TinyTransformer(text_model)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        ids = torch.tensor([tokenize(t) for t in texts])
-        tm = self.transformer.text_model
+        return self.transformer(torch.tensor([tokenize(t) for t in texts]))
+
+
+class _TinyTransformer(nn.Module):
+    """Called as a module, like the HF CLIPTextModel that A1111's low-VRAM hooks wrap."""
+
+    def __init__(self, text_model: nn.Module) -> None:
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tm = self.text_model
         h = tm.embeddings.token_embedding(ids)
         a = tm.encoder.layers[0].self_attn
         w = torch.softmax(a.q_proj(h) @ a.k_proj(h).transpose(1, 2) / CTX**0.5, -1)
@@ -81,6 +102,9 @@ class DiffusionWrapper(nn.Module):
         super().__init__()
         self.diffusion_model = TinyUNet()
         self.conditioning_key = "crossattn"
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_crossattn: list[torch.Tensor]) -> torch.Tensor:
+        return self.diffusion_model(x, t, c_crossattn[0])
 
 
 class TinyLDM(nn.Module):
@@ -100,7 +124,7 @@ class TinyLDM(nn.Module):
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        return self.model.diffusion_model(x, t, cond["c_crossattn"][0])
+        return self.model(x, t, c_crossattn=cond["c_crossattn"])
 
     def get_learned_conditioning(self, texts: list[str]) -> torch.Tensor:
         return self.cond_stage_model(texts)

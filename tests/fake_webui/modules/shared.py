@@ -35,6 +35,6 @@ DEFAULT_OPTS = {
     "batch_cond_uncond": True, "CLIP_stop_at_last_layers": 1, "pad_cond_uncond": False, "pad_cond_uncond_v0": False, "live_preview_content": "Prompt",
 }
 opts = Options(DEFAULT_OPTS)
-cmd_opts = SimpleNamespace(no_half=True, lora_dir="")
+cmd_opts = SimpleNamespace(no_half=True, lora_dir="", lowvram=False, medvram=False, medvram_sdxl=False)
 state = SimpleNamespace(interrupted=False, skipped=False, sampling_step=0, sampling_steps=0)
 sd_model = None

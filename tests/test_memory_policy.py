@@ -1,0 +1,95 @@
+"""Where an A1111 source lives (memory.MemoryPolicy), on a fake device: Module.to records the device a
+module was sent to instead of moving it, so placement is checked on a CPU-only machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_a1111_lifecycle import lora_ds, write_lora
+from test_a1111_sampling import ds, generate
+
+GPU = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def device(webui, monkeypatch):
+    """A fake GPU: `where(module)` is the set of places its parameters were last sent to."""
+    from modules import devices
+
+    real_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        target = kwargs.pop("device", None)
+        rest = []
+        for arg in args:
+            if isinstance(arg, torch.device | str):
+                target = torch.device(arg)
+            else:
+                rest.append(arg)
+        if target is not None:
+            for tensor in [*self.parameters(), *self.buffers()]:
+                tensor.ds_where = torch.device(target).type
+        return real_to(self, *rest, **kwargs) if rest or kwargs else self
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(devices, "device", GPU)
+    return lambda module: {getattr(p, "ds_where", "cpu") for p in module.parameters()}
+
+
+def source(webui):
+    return next(iter(webui.a1111.CACHE.entries.values()))
+
+
+def moves_during_encode(webui, where) -> list[set]:
+    seen = []
+    text_model = source(webui).model.cond_stage_model
+    original = text_model.forward
+    text_model.forward = lambda texts: seen.append(where(text_model)) or original(texts)
+    return seen
+
+
+def test_text_encoder_is_on_the_device_only_while_encoding(webui, device):
+    generate(webui, ds(strength=1.0))
+    model = source(webui).model
+    assert device(model.model) == {"cuda"}  # the UNet stays for the generation
+    assert device(model.cond_stage_model) == {"cpu"}  # encoded, then sent back
+    seen = moves_during_encode(webui, device)
+    generate(webui, ds(strength=1.0))
+    assert seen and all(s == {"cuda"} for s in seen)
+    assert device(model.cond_stage_model) == {"cpu"}
+
+
+def test_ds_off_moves_the_source_off_the_device_and_on_again_loads_nothing(webui, device):
+    write_lora(webui)
+    generate(webui, lora_ds(strength=1.0))
+    model = source(webui).model
+    generate(webui)
+    assert device(model) == {"cpu"}
+    generate(webui, lora_ds(strength=1.0))
+    assert device(model.model) == {"cuda"} and webui.loads == ["sd15_a [0000000001]"]
+
+
+@pytest.mark.parametrize("mode", ["medvram", "lowvram"])
+def test_low_vram_keeps_one_big_part_on_the_device_at_a_time(webui, device, mode, monkeypatch):
+    """Under --medvram / --lowvram A1111's own hooks serve the source too: while the target's UNet runs,
+    the source's UNet (medvram) or each of its blocks (lowvram) and its text encoder are on the CPU."""
+    from modules import lowvram, shared
+
+    normal, _, _ = generate(webui, ds(strength=2.0))
+    webui.a1111.CACHE.clear()
+    monkeypatch.setattr(shared.cmd_opts, mode, True)
+    monkeypatch.setattr(lowvram, "module_in_gpu", None)
+    target = shared.sd_model
+    target.first_stage_model = webui.models.NoVae()
+    lowvram.setup_for_low_vram(target, mode == "medvram")  # what A1111 does to its own model
+    generate(webui, ds(strength=2.0))
+    model = source(webui).model
+    unet = model.model.diffusion_model
+    big_parts = [model.model] if mode == "medvram" else [unet.time_embed, *unet.input_blocks]
+    seen = []
+    target.model.diffusion_model.out.register_forward_pre_hook(
+        lambda m, a: seen.append((set().union(*map(device, big_parts)), device(model.cond_stage_model))))
+    low, _, _ = generate(webui, ds(strength=2.0))
+    assert model.lowvram is True and torch.equal(low, normal)
+    assert seen and all(parts == {"cpu"} and text == {"cpu"} for parts, text in seen)
+    assert device(model.cond_stage_model) == {"cpu"}
