@@ -30,6 +30,7 @@ from .generation import (
     fail,
     prepare,
 )
+from .memory import MemoryPolicy
 
 if HOST == FORGE:
     from . import forge_models as models
@@ -67,11 +68,22 @@ def begin_pass(p: Any) -> None:
         for patcher in _source_patchers(state):
             setattr(patcher, DS_TAG, True)
             patched.add_extra_model_patcher_during_sampling(patcher)
+        if hasattr(patched, "extra_preserved_memory_during_sampling"):  # the host loads and reserves together
+            patched.extra_preserved_memory_during_sampling = (
+                original.extra_preserved_memory_during_sampling + _activation_reserve(p, state))
         objects.unet = patched
         PATCHED_UNETS.add(patched)
         state.host["patch"] = (objects, original, patched)
     except Exception as e:
         fail(state, as_delta_error(e))
+
+
+def _activation_reserve(p: Any, state: Prepared) -> int:
+    """What one source branch needs while it runs (the branches run one after the other): the source
+    UNet's own estimate for a cond + uncond batch at this pass's latent size."""
+    shape = MemoryPolicy.activation_shape(p, state.source.latent_format.channels)
+    return max((int(patcher.memory_required(shape)) for patcher in _source_patchers(state)
+                if hasattr(patcher, "memory_required")), default=0)
 
 
 def _source_patchers(state: Prepared) -> list[Any]:

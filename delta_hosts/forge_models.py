@@ -195,8 +195,12 @@ class SourceModel:
         clip = self.engine.forge_objects.clip.patcher
         if hasattr(clip, "refresh_loras"):
             _attach(clip)  # Forge: the LoRA clone inside ForgeLora.enabled
-        with host_globals():
-            return encode_prompts(self.engine, prompts, negatives, steps, hires_steps, width, height)
+        try:
+            with host_globals():
+                return encode_prompts(self.engine, prompts, negatives, steps, hires_steps, width, height)
+        finally:  # the text encoder is on the device only while it encodes
+            forget_modules(memory_management.current_loaded_models,
+                           [self.engine.forge_objects.clip.cond_stage_model], lambda entry: entry.model_unload())
 
     def lora(self, filename: str, multiplier: float) -> Any:
         key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)

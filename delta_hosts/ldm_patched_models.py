@@ -94,7 +94,11 @@ class SourceModel:
     def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
                width: int, height: int) -> tuple[Any, Any]:
         model_management.load_model_gpu(self.active.clip.patcher)  # merges this copy's text-encoder LoRA
-        return encode_prompts(self.active.model, prompts, negatives, steps, hires_steps, width, height)
+        try:
+            return encode_prompts(self.active.model, prompts, negatives, steps, hires_steps, width, height)
+        finally:  # the text encoder is on the device only while it encodes
+            forget_modules(model_management.current_loaded_models, [self.active.clip.cond_stage_model],
+                           lambda entry: entry.model_unload())
 
     def lora(self, filename: str, multiplier: float) -> TwoEngineLora:
         key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)

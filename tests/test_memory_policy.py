@@ -93,3 +93,25 @@ def test_low_vram_keeps_one_big_part_on_the_device_at_a_time(webui, device, mode
     assert model.lowvram is True and torch.equal(low, normal)
     assert seen and all(parts == {"cpu"} and text == {"cpu"} for parts, text in seen)
     assert device(model.cond_stage_model) == {"cpu"}
+
+
+@pytest.fixture(params=["forge", "neo", "ldm_patched"])
+def backend_host(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_forge_family_reserves_the_source_activations_and_unloads_its_text_encoder(backend_host):
+    """The target's patcher reserves one source branch's activations for the host's own load (Forge's
+    `extra_preserved_memory_during_sampling`), and the source's text encoder leaves the device after encoding."""
+    host = backend_host
+    original = host.shared.sd_model.forge_objects.unet
+    host.memory.preserved.clear()
+    _, p, _ = generate(host, ds(strength=1.0), batch_size=2)
+    rows, cells = 2 * 2, (p.height // 8) * (p.width // 8)
+    assert max(v for v in host.memory.preserved if v) == int(1.28 * rows * cells * 4 * 16384)  # KModel's, fp32
+    assert original.extra_preserved_memory_during_sampling == 0  # the user's patcher is untouched
+    source = next(iter(host.generation.CACHE.entries.values()))
+    text = source.engine.forge_objects.clip.cond_stage_model if hasattr(source, "engine") else \
+        source.base.clip.cond_stage_model
+    loaded = [getattr(entry.model, "model", None) for entry in host.memory.current_loaded_models if entry.model]
+    assert all(m is not text for m in loaded)

@@ -2,6 +2,7 @@
 
 current_loaded_models: list = []
 signal_empty_cache = False
+preserved: list[int] = []  # hard_memory_preservation of each load_models_gpu call
 empty_cache_calls = 0
 
 
@@ -27,6 +28,7 @@ def unload_model_clones(model):
 
 
 def load_models_gpu(models, memory_required=0, hard_memory_preservation=0):
+    preserved.append(hard_memory_preservation)
     for model in models:
         loaded = LoadedModel(model)
         if loaded in current_loaded_models:

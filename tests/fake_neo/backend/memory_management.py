@@ -9,6 +9,8 @@ current_loaded_models: list = []
 empty_cache_calls = 0
 
 
+preserved: list[int] = []  # minimum_memory_required of each load_models_gpu call
+
 class LoadedModel:
     def __init__(self, model):
         self._model = weakref.ref(model)
@@ -34,6 +36,7 @@ class LoadedModel:
 
 def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                     force_full_load=False):
+    preserved.append(minimum_memory_required)
     for model in models:
         loaded = LoadedModel(model)
         if loaded in current_loaded_models:

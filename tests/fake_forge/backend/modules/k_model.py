@@ -16,5 +16,6 @@ class KModel(torch.nn.Module):
         out = self.diffusion_model(xc, self.predictor.timestep(t), c_crossattn).float()
         return self.predictor.calculate_denoised(sigma, out, x)
 
-    def memory_required(self, input_shape):
-        return 0
+    def memory_required(self, input_shape):  # Forge's estimate with PyTorch attention
+        area = input_shape[0] * input_shape[2] * input_shape[3]
+        return 1.28 * area * self.computation_dtype.itemsize * 16384

@@ -57,4 +57,4 @@ class ModelPatcher:
                                                                  disable_cfg1_optimization)
 
     def memory_required(self, input_shape):
-        return 0
+        return self.model.memory_required(input_shape=input_shape)

@@ -62,8 +62,9 @@ def sampling_function(self, denoiser_params, cond_scale, cond_composition):
                                    cond_scale, unet_patcher.model_options, return_full=True)
 
 
-def sampling_prepare(unet, x):
-    memory_management.load_models_gpu(models=[unet] + unet.extra_model_patchers_during_sampling)
+def sampling_prepare(unet, x):  # the real one also estimates the target's own activations from x
+    memory_management.load_models_gpu(models=[unet] + unet.extra_model_patchers_during_sampling,
+                                      hard_memory_preservation=unet.extra_preserved_memory_during_sampling)
 
 
 def sampling_cleanup(unet):

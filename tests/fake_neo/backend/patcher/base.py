@@ -86,7 +86,7 @@ class ModelPatcher:
         return self.model.model_loaded_weight_memory
 
     def memory_required(self, input_shape):
-        return 0
+        return self.model.memory_required(input_shape=input_shape)
 
     def set_model_sampler_post_cfg_function(self, post_cfg_function, disable_cfg1_optimization=False):
         self.model_options = set_model_options_post_cfg_function(self.model_options, post_cfg_function,

@@ -33,9 +33,10 @@ def sampling_function(self, denoiser_params, cond_scale, cond_composition, extra
                                    cond_scale, model_options, return_full=True)
 
 
-def sampling_prepare(unet, x):
+def sampling_prepare(unet, x):  # Neo adds the target's own estimate from x to both amounts
+    extra = unet.extra_preserved_memory_during_sampling
     memory_management.load_models_gpu(models=[unet] + unet.extra_model_patchers_during_sampling,
-                                      memory_required=0, minimum_memory_required=0)
+                                      memory_required=extra, minimum_memory_required=extra)
 
 
 def sampling_cleanup(unet):
