@@ -13,15 +13,14 @@ import contextlib
 import functools
 import math
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from . import DeltaError
 from . import logger as log
+from .lora_keys import LoraError, ModelIndex, Target, stem_and_suffix
 
 Shape = tuple[int, ...]
 
@@ -32,24 +31,8 @@ _KNOWN_SUFFIXES = {
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
     "diff", "diff_b", "w_norm", "b_norm", "weight", "on_input",
 }  # fmt: skip
-_SUFFIX_ALIASES = {
-    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "lora.down.weight": "lora_down.weight",
-    "lora.up.weight": "lora_up.weight", "down.weight": "lora_down.weight", "up.weight": "lora_up.weight",
-    "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.weight": "dora_scale",
-}  # fmt: skip
-_DOTTED_SUFFIXES = sorted((*_SUFFIX_ALIASES, "alpha"), key=len, reverse=True)  # longest first
-_DOTTED_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
-_RESNET_SUFFIX = {
-    "conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0",
-    "norm2": "out_layers_0", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection",
-}  # fmt: skip
-
 
 SUPPORTED = "LoRA/LoCon, LoHa, LoKr, DoRA, IA3, norm and full diff (kohya, LyCORIS, diffusers and PEFT keys)"
-
-
-class LoraError(DeltaError):
-    """An adapter file that cannot be read or does not fit the source model."""
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -73,109 +56,6 @@ class KeyReport:
     skipped_text_encoder: int
     unmatched_examples: tuple[str, ...]
     skipped_types: int = 0  # keys of module types this extension does not apply (OFT, GLoRA, ...)
-
-
-def stem_and_suffix(key: str) -> tuple[str, str]:
-    """(kohya-style module stem, factor suffix) of a file key. Kohya keys are `stem.suffix`; diffusers and
-    PEFT keys are dotted module paths under `unet.` / `text_encoder(_2).`, renamed to kohya stems."""
-    prefix = next((p for p in _DOTTED_PREFIXES if key.startswith(p)), None)
-    suffix = next((x for x in _DOTTED_SUFFIXES if key.endswith("." + x)), None)
-    if prefix is None or suffix is None:
-        stem, _, suffix = key.partition(".")
-        return stem, _SUFFIX_ALIASES.get(suffix, suffix)
-    path = key[len(prefix) : -len(suffix) - 1].replace(".processor.", ".").removesuffix(".lora_linear_layer")
-    path = re.sub(r"\.to_(q|k|v)_lora$", r".to_\1", path).replace(".to_out_lora", ".to_out.0")
-    return _DOTTED_PREFIXES[prefix] + path.replace(".", "_"), _SUFFIX_ALIASES.get(suffix, suffix)
-
-
-# ---------------------------------------------------------------- key names
-
-
-def _diffusers_to_ldm(name: str) -> list[str]:
-    """Candidate ldm (underscore) paths for a diffusers-style UNet name."""
-    m = re.fullmatch(r"(down|up)_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
-    if m:
-        side, block, kind, index, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
-        rest = _RESNET_SUFFIX.get(rest, rest) if kind == "resnets" else rest
-        number = 3 * block + index + 1 if side == "down" else 3 * block + index
-        prefix = "input_blocks" if side == "down" else "output_blocks"
-        return [f"{prefix}_{number}_{1 if kind == 'attentions' else 0}_{rest}"]
-    m = re.fullmatch(r"mid_block_(attentions|resnets)_(\d+)_(.+)", name)
-    if m:
-        rest = _RESNET_SUFFIX.get(m[3], m[3]) if m[1] == "resnets" else m[3]
-        return [f"middle_block_{1 if m[1] == 'attentions' else 2 * int(m[2])}_{rest}"]
-    m = re.fullmatch(r"down_blocks_(\d+)_downsamplers_0_conv", name)
-    if m:
-        return [f"input_blocks_{3 * int(m[1]) + 3}_0_op"]
-    m = re.fullmatch(r"up_blocks_(\d+)_upsamplers_0_conv", name)
-    if m:  # after the resnet, or after resnet + attention
-        number = 3 * int(m[1]) + 2
-        return [f"output_blocks_{number}_1_conv", f"output_blocks_{number}_2_conv"]
-    m = re.fullmatch(r"(time|add)_embedding_linear_(\d+)", name)
-    if m:
-        target = "time_embed" if m[1] == "time" else "label_emb_0"
-        return [f"{target}_{2 * int(m[2]) - 2}"]
-    fixed = {"conv_in": "input_blocks_0_0", "conv_out": "out_2", "conv_norm_out": "out_0"}
-    return [fixed[name]] if name in fixed else []
-
-
-def _weighted_modules(root: nn.Module, root_name: str, stem: str) -> dict[str, str]:
-    """{stem + underscore path: full dotted name} for the modules under root that own a weight."""
-    index = {}
-    for sub, module in root.named_modules():
-        if isinstance(getattr(module, "weight", None), torch.Tensor):
-            full = ".".join(part for part in (root_name, sub) if part)
-            index.setdefault(stem + sub.replace(".", "_"), full)
-    return index
-
-
-@dataclass
-class _ModelIndex:
-    """Where the UNet and the first (HF CLIP) text encoder live in the source model."""
-
-    unet: dict[str, str]
-    text_encoder: dict[str, str]
-    family: str
-
-    @classmethod
-    def of(cls, model: nn.Module) -> _ModelIndex:
-        names = dict(model.named_modules())
-        unet_name = next((n for n in names if n.split(".")[-1] == "diffusion_model"), None)
-        if unet_name is None and hasattr(model, "input_blocks"):
-            unet_name = ""  # a bare UNet
-        if unet_name is None:
-            raise LoraError("The source model has no UNet (no 'diffusion_model' module).")
-        unet = names[unet_name] if unet_name else model
-        unet_index = _weighted_modules(unet, unet_name, "")
-        te_name = next(
-            (n for n in names if n.endswith("text_model")
-             and (n.startswith("cond_stage_model.") or n.startswith("conditioner.embedders.0."))),
-            None,
-        )  # fmt: skip
-        te_index = _weighted_modules(names[te_name], te_name, "text_model_") if te_name else {}
-        if hasattr(model, "conditioner"):
-            family = "SDXL"
-        elif hasattr(model, "cond_stage_model"):
-            family = "SD1" if te_name else "SD2"
-        else:
-            family = "unknown architecture"
-        return cls(unet_index, te_index, family)
-
-    def resolve(self, base: str) -> str | None:
-        """Full module name for a kohya key stem; None if nothing in the model fits."""
-        if base.startswith("lora_unet_"):
-            rest = base[len("lora_unet_") :]
-            for candidate in [rest, *_diffusers_to_ldm(rest)]:
-                if candidate in self.unet:
-                    return self.unet[candidate]
-            return None
-        m = re.fullmatch(r"lora_te1?_(.+)", base)
-        return self.text_encoder.get(m[1]) if m else None
-
-    def skips(self, base: str) -> bool:
-        """Text-encoder keys we cannot serve: OpenCLIP encoders (SDXL TE2, SD2)."""
-        m = re.match(r"lora_te(\d*)_", base)
-        return bool(m) and (m[1] not in ("", "1") or not self.text_encoder)
 
 
 # ---------------------------------------------------------------- math
@@ -320,9 +200,9 @@ def _check_shapes(kind: str, s: dict[str, Shape], weight: Shape) -> None:
 
 @dataclass
 class _Patch:
-    """One adapted module: its factors (CPU), scalars, and a cast copy for the last device used."""
+    """One adapted weight: its factors (CPU), scalars, where it applies, and a cast copy for the last device."""
 
-    module: nn.Module
+    target: Target
     kind: str
     parts: dict[str, torch.Tensor]
     alpha: float | None
@@ -362,8 +242,10 @@ class _Patch:
 class LoraAdapter:
     """An adapter bound to one source model; apply it with `enabled()`."""
 
-    def __init__(self, patches: dict[str, _Patch], multiplier: float, report: KeyReport) -> None:
-        self._patches = patches
+    def __init__(self, patches: dict[str, list[_Patch]], multiplier: float, report: KeyReport,
+                 model: nn.Module) -> None:
+        self._patches = patches  # hooked module name -> its patches
+        self._modules = {name: model.get_submodule(name) for name in patches}
         self.multiplier = multiplier
         self.report = report
         self.module_names: tuple[str, ...] = tuple(patches)
@@ -373,7 +255,7 @@ class LoraAdapter:
     def from_state_dict(
         cls, sd: dict[str, torch.Tensor], model: nn.Module, multiplier: float = 1.0
     ) -> LoraAdapter:
-        index = _ModelIndex.of(model)
+        index = ModelIndex.of(model)
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in sd.items():
             base, suffix = stem_and_suffix(key)
@@ -381,7 +263,7 @@ class LoraAdapter:
                 continue
             groups.setdefault(base, {})[suffix] = tensor
         total = sum(len(g) for g in groups.values())
-        patches: dict[str, _Patch] = {}
+        patches: dict[str, list[_Patch]] = {}
         matched = skipped = 0
         unmatched: list[str] = []
         unsupported: dict[str, int] = {}  # type (its keys) -> key count
@@ -393,17 +275,17 @@ class LoraAdapter:
                 kind = "+".join(sorted(set(parts) - {"alpha", "scale", "dora_scale"})) or "alpha only"
                 unsupported[kind] = unsupported.get(kind, 0) + len(parts)
                 continue
-            name = index.resolve(base)
-            patch = _make_patch(base, parts, model.get_submodule(name)) if name else None
+            target = index.resolve(base)
+            patch = _make_patch(base, parts, target, model) if target else None
             if patch is None:
                 unmatched += [base] * len(parts)
                 continue
-            patches[name] = patch
+            patches.setdefault(target.module, []).append(patch)
             matched += len(parts)
         unknown = sum(unsupported.values())
         report = KeyReport(matched, len(unmatched), skipped, tuple(dict.fromkeys(unmatched))[:_EXAMPLES], unknown)
         if skipped:
-            log.warning("LoRA: %d text-encoder keys skipped (OpenCLIP encoders are not supported)", skipped)
+            log.warning("LoRA: %d text-encoder keys skipped (the source has no such text encoder)", skipped)
         types = ", ".join(f"{kind} ({n} keys)" for kind, n in unsupported.items())
         if unknown:
             log.warning("LoRA: %d keys of module types this extension does not apply were skipped: %s "
@@ -417,32 +299,36 @@ class LoraAdapter:
                 f"{len(unmatched)} unmatched{examples}{skips}. Supported module types: {SUPPORTED}."
             )
         log.info("LoRA: %d modules patched from %d of %d keys", len(patches), matched, total)
-        return cls(patches, multiplier, report)
+        return cls(patches, multiplier, report, model)
+
+    def merged_params(self, module_name: str) -> dict[str, torch.Tensor]:
+        """{parameter path below the module: merged value} for one patched module (its dtype and device)."""
+        return _merged(self._patches[module_name], self._modules[module_name], self.multiplier)
 
     def merged_weight(self, module_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W', bias' or None) for the bound module, in its weight's dtype and device."""
-        patch = self._patches[module_name]
-        return _merge(patch, patch.module, self.multiplier)
+        """(W', bias' or None) for a module patched in its own `weight`."""
+        merged = self.merged_params(module_name)
+        return merged["weight"], merged.get("bias")
 
     @contextlib.contextmanager
     def enabled(self) -> Iterator[None]:
         """Patched modules run with merged weights inside; all hooks are gone on exit."""
         if self._active:
             raise RuntimeError("LoraAdapter.enabled() is already active")
-        saved: dict[nn.Module, dict[str, nn.Parameter | None]] = {}
+        saved: dict[nn.Module, list[tuple[nn.Module, str, nn.Parameter | None]]] = {}
 
         def restore(module: nn.Module) -> None:
-            for param_name, original in saved.pop(module, {}).items():
-                module._parameters[param_name] = original
+            for owner, leaf, original in reversed(saved.pop(module, [])):
+                owner._parameters[leaf] = original
 
-        def swap_in(patch: _Patch, module: nn.Module, _args: object) -> None:
+        def swap_in(patches: list[_Patch], module: nn.Module, _args: object) -> None:
             restore(module)  # a previous forward that raised left its swap behind
-            weight, bias = _merge(patch, module, self.multiplier)
-            saved[module] = {"weight": module._parameters["weight"]}
-            module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
-            if bias is not None:
-                saved[module]["bias"] = module._parameters.get("bias")
-                module._parameters["bias"] = nn.Parameter(bias, requires_grad=False)
+            merged = _merged(patches, module, self.multiplier)
+            swaps = saved.setdefault(module, [])
+            for path, value in merged.items():
+                owner, leaf = _owner(module, path)
+                swaps.append((owner, leaf, owner._parameters.get(leaf)))
+                owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
         def swap_out(module: nn.Module, _args: object, _output: object) -> None:
             restore(module)
@@ -450,10 +336,11 @@ class LoraAdapter:
         handles = []
         self._active = True
         try:
-            for patch in self._patches.values():
-                handles.append(patch.module.register_forward_pre_hook(functools.partial(swap_in, patch)))
+            for name, patches in self._patches.items():
+                module = self._modules[name]
+                handles.append(module.register_forward_pre_hook(functools.partial(swap_in, patches)))
                 # prepended, so that stacked adapters restore in reverse order (LIFO)
-                handles.append(patch.module.register_forward_hook(swap_out, prepend=True))
+                handles.append(module.register_forward_hook(swap_out, prepend=True))
             yield
         finally:
             for handle in handles:
@@ -464,41 +351,72 @@ class LoraAdapter:
 
     def merge_into_(self, model: nn.Module) -> None:
         """Adds the adapter to `model`'s weights in place (builds reference models for tests)."""
-        for name, patch in self._patches.items():
+        for name, patches in self._patches.items():
             module = model.get_submodule(name)
-            weight, bias = _merge(patch, module, self.multiplier)
-            with torch.no_grad():
-                module.weight.copy_(weight)
-                if bias is not None and module.bias is None:
-                    module.bias = nn.Parameter(bias, requires_grad=False)
-                elif bias is not None:
-                    module.bias.copy_(bias)
+            for path, value in _merged(patches, module, self.multiplier).items():
+                owner, leaf = _owner(module, path)
+                with torch.no_grad():
+                    if owner._parameters.get(leaf) is None:
+                        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+                    else:
+                        owner._parameters[leaf].copy_(value)
 
 
-def _make_patch(base: str, parts: dict[str, torch.Tensor], module: nn.Module) -> _Patch | None:
-    """The module's patch, or None when the factor shapes do not fit its weight."""
+def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(the module holding a parameter, its name there) for a dotted path below `module`."""
+    prefix, _, leaf = path.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), leaf
+
+
+def _bias_path(weight_path: str) -> str:
+    prefix, _, leaf = weight_path.rpartition(".")
+    bias = "in_proj_bias" if leaf == "in_proj_weight" else "bias"
+    return f"{prefix}.{bias}" if prefix else bias
+
+
+def _make_patch(base: str, parts: dict[str, torch.Tensor], target: Target, model: nn.Module) -> _Patch | None:
+    """The patch for one target, or None when the factor shapes do not fit its weight."""
     kind = _kind(parts)
     assert kind is not None
     scalars = {k: float(parts[k].item()) for k in ("alpha", "scale", "on_input") if k in parts}
     tensors = {k: v for k, v in parts.items() if k not in scalars}
     try:
-        _check_shapes(kind, {k: tuple(v.shape) for k, v in tensors.items()}, tuple(module.weight.shape))
-    except ValueError as exc:
-        log.debug("LoRA %s does not fit %s: %s", base, type(module).__name__, exc)
+        owner, leaf = _owner(model.get_submodule(target.module), target.param)
+        weight = owner._parameters[leaf]
+        shape = tuple(weight.shape)
+        if target.rows is not None:
+            shape = (target.rows[1] - target.rows[0], *shape[1:])
+        _check_shapes(kind, {k: tuple(v.shape) for k, v in tensors.items()}, shape)
+    except (AttributeError, KeyError, ValueError) as exc:
+        log.debug("LoRA %s does not fit %s: %s", base, target, exc)
         return None
-    return _Patch(module, kind, tensors, scalars.get("alpha"), scalars.get("scale"), bool(scalars.get("on_input")))
+    return _Patch(target, kind, tensors, scalars.get("alpha"), scalars.get("scale"), bool(scalars.get("on_input")))
 
 
-def _merge(patch: _Patch, module: nn.Module, multiplier: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """W + m*dW (and bias + m*diff_b), computed in the weight's dtype on its device."""
+def _merged(patches: list[_Patch], module: nn.Module, multiplier: float) -> dict[str, torch.Tensor]:
+    """W + m*dW (and bias + m*diff_b) for each parameter the patches touch, in the weight's dtype on its
+    device. One patch per parameter (the usual case) reuses dW's memory: the peak stays near one layer."""
+    merged: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        weight = module.weight
-        delta, bias_delta = patch.deltas(weight, multiplier)
-        merged = delta.add_(weight)  # reuse dW's memory: peak stays near one layer
-        if bias_delta is None:
-            return merged, None
-        bias = module.bias
-        return merged, bias_delta if bias is None else bias + bias_delta
+        for patch in patches:
+            path, rows = patch.target.param, patch.target.rows
+            owner, leaf = _owner(module, path)
+            current = owner._parameters[leaf]
+            region = slice(*rows) if rows else slice(None)
+            delta, bias_delta = patch.deltas(current[region], multiplier)
+            if path not in merged and rows is None:
+                merged[path] = delta.add_(current)
+            else:
+                merged.setdefault(path, current.detach().clone())[region] += delta
+            if bias_delta is not None:
+                bias_path = _bias_path(path)
+                if bias_path not in merged:
+                    bias_owner, bias_leaf = _owner(module, bias_path)
+                    bias = bias_owner._parameters.get(bias_leaf)
+                    merged[bias_path] = bias.detach().clone() if bias is not None else \
+                        current.new_zeros(current.shape[0])
+                merged[bias_path][region] += bias_delta
+    return merged
 
 
 # ---------------------------------------------------------------- host (ComfyUI-style) patches

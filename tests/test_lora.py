@@ -612,19 +612,75 @@ def test_a_file_of_only_unsupported_types_is_refused(tree, tmp_path):
         load(tree, UNSUPPORTED, tmp_path)
 
 
-def test_openclip_text_encoder_keys_are_skipped(tmp_path, caplog):
+class OpenClipBlock(nn.Module):
+    """open_clip's ResidualAttentionBlock: packed q/k/v in an nn.MultiheadAttention, mlp c_fc / c_proj."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 2 * width))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+def openclip_tree(root: str) -> tuple[nn.Module, nn.Module]:
+    """A UNet plus an OpenCLIP text encoder at `root` (SDXL's second encoder, or SD2's only one)."""
     torch.manual_seed(0)
     leaves = {k: v for k, v in sd15_leaves().items() if not k.startswith("cond_stage_model")}
-    leaves["cond_stage_model.model.transformer.resblocks.0.attn.out_proj"] = nn.Linear(6, 6)  # SD2-like
     tree = build_tree(leaves)
+    blocks = nn.Sequential(OpenClipBlock(6), OpenClipBlock(6))
+    *path, last = f"{root}.model.transformer.resblocks".split(".")
+    parent = tree
+    for part in path:
+        if part not in parent._modules:
+            parent.add_module(part, nn.Module())
+        parent = parent._modules[part]
+    parent.add_module(last, blocks)
+    return tree, blocks
+
+
+@pytest.mark.parametrize(("root", "prefix"), [("conditioner.embedders.1", "lora_te2_"), ("cond_stage_model", "lora_te_")])
+def test_openclip_text_encoder_keys_apply_like_a1111(tmp_path, root, prefix):
+    """SDXL's second / SD2's text encoder: q/k/v go into rows of the packed in_proj_weight, out_proj into the
+    attention's own projection (its forward reads the weight, never calls the Linear), fc1/fc2 into c_fc/c_proj."""
+    tree, blocks = openclip_tree(root)
     sd, expected = kohya_ldm(tree)
-    te_key = "lora_te_text_model_encoder_layers_0_self_attn_out_proj"
-    sd |= {f"{te_key}.lora_up.weight": r(6, 2), f"{te_key}.lora_down.weight": r(2, 6)}
-    with caplog.at_level(logging.WARNING, logger="delta_sampling"):
-        adapter = load(tree, sd, tmp_path)
-    assert adapter.report.skipped_text_encoder == 2
-    assert set(adapter.module_names) == set(expected)
-    assert "text-encoder keys skipped" in caplog.text
+    ref_model = reference(tree, expected, 0.6)
+    ref_blocks = ref_model.get_submodule(f"{root}.model.transformer.resblocks")
+    for i, block in enumerate(ref_blocks):
+        for name, rows, param in [("self_attn_q_proj", 0, "in_proj_weight"), ("self_attn_k_proj", 1, "in_proj_weight"),
+                                  ("self_attn_v_proj", 2, "in_proj_weight"), ("self_attn_out_proj", None, "out_proj"),
+                                  ("mlp_fc1", None, "c_fc"), ("mlp_fc2", None, "c_proj")]:
+            weight = {"in_proj_weight": block.attn.in_proj_weight, "out_proj": block.attn.out_proj.weight,
+                      "c_fc": block.mlp.c_fc.weight, "c_proj": block.mlp.c_proj.weight}[param]
+            out = 6 if rows is not None else weight.shape[0]
+            up, down = r(out, 2), r(2, weight.shape[1])
+            key = f"{prefix}text_model_encoder_layers_{i}_{name}"
+            sd |= {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.alpha": torch.tensor(1.0)}
+            with torch.no_grad():
+                (weight if rows is None else weight[6 * rows : 6 * rows + 6]).add_(0.6 * 0.5 * up @ down)
+    adapter = load(tree, sd, tmp_path, 0.6)
+    assert adapter.report.matched == len(sd) - 1 and adapter.report.skipped_text_encoder == 0  # all but bundle_emb
+    params = dict(tree.named_parameters())
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        want, plain = ref_blocks(x), blocks(x)
+        with adapter.enabled():
+            got = blocks(x)
+            unet_got = run_all(tree)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-2
+    unet_want = run_all(ref_model)
+    assert all(torch.allclose(unet_got[n], unet_want[n], atol=1e-5) for n in expected)
+    assert_untouched(tree, params)
+    torch.testing.assert_close(blocks(x), plain)
 
 
 def test_read_safetensors_errors(tmp_path):
