@@ -115,7 +115,7 @@ class TinyLDM(nn.Module):
     is_sd1 = True
     cond_stage_key = "txt"
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, **ldm_params: object) -> None:  # ldm config params (use_ema, ...) unused
         super().__init__()
         torch.manual_seed(seed)
         self.model = DiffusionWrapper()

@@ -57,3 +57,41 @@ def read_state_dict(checkpoint_file, print_global_state=False, map_location=None
     safe_loads.append(checkpoint_file)
     sd = torch.load(checkpoint_file, map_location=map_location or "cpu", weights_only=True)
     return sd.get("state_dict", sd)
+
+
+def repair_config(sd_config, state_dict=None):
+    if not hasattr(sd_config.model.params, "use_ema"):
+        sd_config.model.params.use_ema = False
+
+
+def instantiate_from_config(config, state_dict=None):
+    import importlib
+
+    module, cls = config["target"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)(**config.get("params", {}))
+
+
+def set_model_type(model, state_dict):
+    model.is_sd1 = model.is_sd2 = model.is_sdxl = model.is_ssd = model.is_sd3 = False
+    if hasattr(model, "conditioner"):
+        model.is_sdxl = True
+    elif hasattr(model.cond_stage_model, "model"):
+        model.is_sd2 = True
+    else:
+        model.is_sd1 = True
+
+
+def set_model_fields(model):
+    if not hasattr(model, "latent_channels"):
+        model.latent_channels = 4
+
+
+alpha_overrides: list = []
+
+
+def apply_alpha_schedule_override(sd_model, p=None):
+    """The real one also applies the downcast / zero-terminal-SNR options, on shared.device."""
+    if not hasattr(sd_model, "alphas_cumprod") or not hasattr(sd_model, "alphas_cumprod_original"):
+        return
+    alpha_overrides.append(sd_model)
+    sd_model.alphas_cumprod = sd_model.alphas_cumprod_original

@@ -1,0 +1,53 @@
+"""The A1111 source loader itself (a1111_models.load_source / _instantiate), through fakes of the host
+pieces it calls: config choice, meta init, dtype conversion, VAE drop, text-encoder hijack, alphas."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+from test_a1111_sampling import ds, generate
+
+
+@pytest.fixture
+def loader(webui, monkeypatch):
+    monkeypatch.setattr(webui.models, "load_source", webui.real_load_source)
+    return webui
+
+
+@pytest.mark.parametrize("no_half", [True, False])
+def test_the_loader_builds_an_independent_model_in_the_unet_dtype_on_the_cpu(loader, monkeypatch, no_half):
+    from modules import devices, sd_hijack, sd_unet, shared
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(shared.cmd_opts, "no_half", no_half)
+    monkeypatch.setattr(devices, "dtype_unet", torch.float32 if no_half else torch.float16)
+    active_clip, active_layers, active_forward = object(), [object()], object()
+    monkeypatch.setattr(sd_hijack.model_hijack, "clip", active_clip)
+    monkeypatch.setattr(sd_hijack.model_hijack, "layers", active_layers)
+    monkeypatch.setattr(sd_unet, "original_forward", active_forward)
+    info = loader.checkpoints["sd15_b"]
+    source = loader.models.load_source(info)
+    model = source.model
+    assert OmegaConf.loaded[-1] == "configs/v1-inference.yaml" and model.is_sd1
+    assert model is not shared.sd_model and isinstance(model.first_stage_model, loader.models.NoVae)
+    weights = safetensors.torch.load_file(info.filename)
+    unet_weight = model.model.diffusion_model.input_blocks[0][0].weight
+    assert unet_weight.dtype == devices.dtype_unet and unet_weight.device.type == "cpu"
+    torch.testing.assert_close(unet_weight.float(), weights["model.diffusion_model.input_blocks.0.0.weight"],
+                               rtol=0, atol=0 if no_half else 1e-3)
+    assert model.alphas_cumprod.dtype == torch.float32  # never downcast by the conversion
+    assert model.cond_stage_model.hijacked and not model.training
+    # the host's hijack globals describe the active model, not the source
+    assert (sd_hijack.model_hijack.clip, sd_hijack.model_hijack.layers, sd_unet.original_forward) == (
+        active_clip, active_layers, active_forward)
+    assert model in loader.sd_models.alpha_overrides
+    assert source.latent_format.name == "SD1" and not source.on_device
+
+
+def test_ds_through_the_real_loader_gives_the_tiny_loaders_image(webui, monkeypatch):
+    tiny, _, _ = generate(webui, ds(source="sd15_b", strength=2.0))
+    webui.a1111.CACHE.clear()
+    monkeypatch.setattr(webui.models, "load_source", webui.real_load_source)
+    real, _, _ = generate(webui, ds(source="sd15_b", strength=2.0))
+    assert torch.equal(real, tiny)
