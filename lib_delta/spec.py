@@ -108,15 +108,15 @@ class DeltaSettings:
         if not self.enabled:
             return self
         if not self.source:
-            raise DeltaError("Delta Sampling: choose a source base checkpoint.")
+            raise DeltaError("Delta Sampling: DS source is empty: choose a source base checkpoint.")
         if self.source.startswith(MALFORMED):
             raise DeltaError(self.source[len(MALFORMED):])
         if self.adapter_kind not in ADAPTER_KINDS:
             raise DeltaError(f"Delta Sampling: unknown adapter kind {self.adapter_kind!r}; use one of {ADAPTER_KINDS}.")
         if self.adapter_kind != "prompt" and not self.adapter:
-            raise DeltaError(f"Delta Sampling: choose a {self.adapter_kind} adapter file.")
+            raise DeltaError(f"Delta Sampling: DS adapter is empty: choose a {self.adapter_kind} adapter file.")
         if self.adapter_kind == "prompt" and not self.adapted_prompt:
-            raise DeltaError("Delta Sampling: a prompt adapter needs an adapted prompt.")
+            raise DeltaError("Delta Sampling: DS adapted prompt is empty: a prompt adapter needs an adapted prompt.")
         if self.schedule not in SCHEDULES:
             raise DeltaError(f"Delta Sampling: unknown schedule {self.schedule!r}; use one of {SCHEDULES}.")
         for f in FIELDS:
@@ -126,7 +126,7 @@ class DeltaSettings:
             if f.kind is float and f.minimum is not None and not f.minimum <= value <= f.maximum:
                 raise DeltaError(f"Delta Sampling: {f.label} = {value} is outside [{f.minimum}, {f.maximum}].")
         if self.start >= self.end:
-            raise DeltaError(f"Delta Sampling: start ({self.start}) must be before end ({self.end}).")
+            raise DeltaError(f"Delta Sampling: DS start ({self.start}) must be before DS end ({self.end}).")
         return self
 
     # -- infotext ---------------------------------------------------------------------------------
@@ -197,17 +197,30 @@ def coerce(field: Field, value: Any) -> Any:
                 if value.strip().lower() not in ("true", "false", "1", "0", "on", "off"):
                     raise ValueError(value)
                 return value.strip().lower() in ("true", "1", "on")
+            if not isinstance(value, int | float) or value not in (0, 1):
+                raise ValueError(value)
             return bool(value)
         if field.kind is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
                 raise ValueError(value)
             return float(value)
-        value = "" if value is None else str(value)
+        if not isinstance(value, str | None):
+            raise ValueError(value)
+        value = "" if value is None else value
     except (TypeError, ValueError) as e:
-        raise DeltaError(f"Delta Sampling: bad value {value!r} for {field.label}") from e
+        raise DeltaError(f"Delta Sampling: bad value {value!r} for {field.label}: expected {_allowed(field)}") from e
     if field.choices and value not in field.choices:
         raise DeltaError(f"Delta Sampling: {field.label} must be one of {', '.join(field.choices)}, got {value!r}")
     return value
+
+
+def _allowed(field: Field) -> str:
+    if field.kind is bool:
+        return "true or false (also 1/0, on/off)"
+    if field.kind is float:
+        bounds = f" in [{field.minimum}, {field.maximum}]" if field.minimum is not None else ""
+        return f"a number{bounds} (a numeric string such as '2.5' is accepted)"
+    return "text"
 
 
 def format_value(value: Any) -> str:

@@ -85,7 +85,7 @@ def test_negative_lambda_is_allowed():
 @pytest.mark.parametrize(
     ("change", "message"),
     [({"source": ""}, "source base checkpoint"), ({"adapter": ""}, "adapter file"),
-     ({"adapter_kind": "prompt", "adapted_prompt": ""}, "adapted prompt"), ({"start": 0.9, "end": 0.2}, "before end")],
+     ({"adapter_kind": "prompt", "adapted_prompt": ""}, "adapted prompt"), ({"start": 0.9, "end": 0.2}, "before DS end")],
 )
 def test_incomplete_settings_are_refused(change, message):
     with pytest.raises(DeltaError, match=message):
