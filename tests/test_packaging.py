@@ -59,3 +59,15 @@ def test_metadata_ini_parses():
 
 def test_scripts_folder_holds_only_the_webui_script():
     assert sorted(p.name for p in (ROOT / "scripts").glob("*.py")) == ["delta_sampling.py"]
+
+
+def test_readme_api_table_lists_every_field_with_its_range():
+    from lib_delta.spec import FIELDS
+
+    readme = (ROOT / "README.md").read_text()
+    rows = {int(m[1]): m[2] for m in re.finditer(r"^\| (\d+) \| (.+)$", readme, re.M)}
+    for i, field in enumerate(FIELDS):
+        assert field.label in rows[i], (i, field.label)
+        if field.minimum is not None:
+            assert f"[{field.minimum}, {field.maximum}]" in rows[i], field.label
+        assert all(f"`{choice}`" in rows[i] for choice in field.choices), field.label
