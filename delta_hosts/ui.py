@@ -62,7 +62,8 @@ def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list
     c["adapter"].change(fn=warn_if_missing, inputs=[c["adapter_kind"], c["adapter"]], outputs=[], show_progress=False)
     refresh.click(fn=refresh_adapters, inputs=[c["adapter_kind"]], outputs=[c["adapter"]], show_progress=False)
     c["adapter_kind"].change(fn=on_kind_change, inputs=[c["adapter_kind"], c["adapter"]],
-                             outputs=[c["adapter"], c["adapter_weight"], refresh], show_progress=False)
+                             outputs=[c["adapter"], c["adapter_weight"], refresh, c["adapted_prompt"]],
+                             show_progress=False)
 
     from modules.infotext_utils import PasteField
 
@@ -72,12 +73,18 @@ def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list
     return [c[f.attr] for f in FIELDS]
 
 
-def on_kind_change(kind: str, adapter: str) -> tuple[dict, dict, dict]:
-    """List the new kind's adapters; drop a value that names an adapter of another kind; hide unused fields."""
+ADAPTED_PROMPT_REQUIRED = ("Required for a prompt adapter: the prompt whose effect is transferred; {prompt} stands "
+                           "for each image's own prompt, e.g. '{prompt}, pixel art'.")
+
+
+def on_kind_change(kind: str, adapter: str) -> tuple[dict, dict, dict, dict]:
+    """List the new kind's adapters; drop a value that names an adapter of another kind; hide unused fields;
+    the adapted prompt's placeholder says what an empty box means for this kind."""
     names = choices.adapters(kind)
     stale = adapter not in names and adapter in choices.adapters(None)
+    hint = ADAPTED_PROMPT_REQUIRED if kind == "prompt" else FIELD_BY_ATTR["adapted_prompt"].tooltip
     return (gr.update(choices=selectable(names), value="" if stale or kind == "prompt" else adapter, visible=kind != "prompt"),
-            gr.update(visible=kind == "lora"), gr.update(visible=kind != "prompt"))
+            gr.update(visible=kind == "lora"), gr.update(visible=kind != "prompt"), gr.update(placeholder=hint))
 
 
 def warn_if_missing(kind: str, name: str) -> None:

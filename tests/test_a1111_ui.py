@@ -100,14 +100,16 @@ def test_adapter_kind_switch_lists_that_kind_and_drops_a_stale_value(webui):
     from delta_hosts import ui
 
     write_lora(webui)
-    adapter, weight, refresh = ui.on_kind_change("checkpoint", "style")
+    adapter, weight, refresh, prompt = ui.on_kind_change("checkpoint", "style")
+    assert "Empty: the base prompt" in prompt["placeholder"]
     assert adapter["choices"][1].startswith("sd15_a") and adapter["value"] == "" and weight["visible"] is False
-    adapter, _, _ = ui.on_kind_change("checkpoint", "not_installed_here [abc]")
+    adapter, _, _, _ = ui.on_kind_change("checkpoint", "not_installed_here [abc]")
     assert adapter["value"] == "not_installed_here [abc]"  # a pasted name is kept for its clear error
-    adapter, weight, refresh = ui.on_kind_change("prompt", "style")
+    adapter, weight, refresh, prompt = ui.on_kind_change("prompt", "style")
+    assert prompt["placeholder"].startswith("Required for a prompt adapter") and "Empty" not in prompt["placeholder"]
     assert adapter["visible"] is False and adapter["value"] == "" and weight["visible"] is False
     assert refresh["visible"] is False
-    adapter, weight, refresh = ui.on_kind_change("lora", "")
+    adapter, weight, refresh, _ = ui.on_kind_change("lora", "")
     assert adapter["choices"] == ["", "style"] and weight["visible"] is True and refresh["visible"] is True
     assert ui.refresh_adapters("lora")["choices"] == ["", "style"]
     assert ui.refresh_adapters("checkpoint")["choices"][1].startswith("sd15_a")
