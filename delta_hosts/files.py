@@ -37,6 +37,14 @@ def find_checkpoint(title: str) -> Any:
     return info
 
 
+def hashed(info: Any) -> Any:
+    """A checkpoint DS loads gets its short hash (A1111 hashes lazily, through its hash cache), so the
+    infotext names it 'name [hash]' and a paste finds it again under another name."""
+    if not getattr(info, "shorthash", None) and hasattr(info, "calculate_shorthash"):
+        info.calculate_shorthash()
+    return info
+
+
 def read_weights(filename: str, role: str) -> dict[str, torch.Tensor]:
     """The tensors of a file chosen as `role`, read before any host loader sees it and without running
     code: safetensors validated and parsed, pickles weights-only (lib_delta.weights)."""

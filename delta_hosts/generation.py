@@ -72,10 +72,10 @@ def prepare(p: Any, settings: DeltaSettings, models: ModuleType | None, unsuppor
         settings.validate()
         needed = 2 if settings.adapter_kind == "checkpoint" else 1  # never evict this generation's models
         CACHE.capacity = max(int(shared.opts.data.get("delta_sampling_cache_size", 1)), needed)
-        info = files.find_checkpoint(settings.source)
+        info = files.hashed(files.find_checkpoint(settings.source))
         state.source = models.cached_source(CACHE, info)
         if settings.adapter_kind == "checkpoint":
-            ainfo = files.find_checkpoint(settings.adapter)
+            ainfo = files.hashed(files.find_checkpoint(settings.adapter))
             state.adapted = models.cached_source(CACHE, ainfo, "adapter checkpoint")
             if state.adapted.latent_format != state.source.latent_format:
                 raise DeltaError("Delta Sampling: the adapter checkpoint is not the same architecture as the source.")

@@ -77,6 +77,24 @@ def test_names_resolve_by_hash_when_they_differ(webui):
     assert pasted["source"] == "sd15_b [0000000002]" and pasted["adapter"] == "style"
 
 
+def test_a_source_never_loaded_as_main_model_gets_its_hash_and_is_found_after_a_rename(webui):
+    """A1111 hashes checkpoints lazily: DS hashes the source it loads, so the infotext carries the hash."""
+    import shutil
+
+    lazy = webui.sd_models.CheckpointInfo(webui.checkpoints["sd15_b"].filename, None).register()
+    assert lazy.title == "sd15_b"
+    _, _, processed = generate(webui, ds(source="sd15_b"))
+    short_hash = lazy.shorthash
+    assert short_hash and processed.infotexts[0]["DS source"] == f"sd15_b [{short_hash}]"
+    renamed = webui.tmp / "models" / "renamed.safetensors"
+    shutil.copy(lazy.filename, renamed)
+    webui.sd_models.checkpoints_list.clear()
+    webui.sd_models.checkpoint_aliases.clear()
+    webui.sd_models.CheckpointInfo(str(renamed), short_hash).register()
+    pasted = paste(webui, webui.script.ui(False), infotext_line(webui, ds(source=f"sd15_b [{short_hash}]").to_infotext()))
+    assert pasted["source"] == f"renamed [{short_hash}]"
+
+
 def test_infotext_without_ds_turns_the_panel_off(webui):
     comps = webui.script.ui(False)
     pasted = paste(webui, comps, infotext_line(webui, {"Seed": 3}))

@@ -11,17 +11,35 @@ checkpoint_aliases: dict = {}
 
 
 class CheckpointInfo:
+    """`shorthash=None` is A1111's lazy case: a checkpoint never loaded as the main model has no hash in
+    its title until calculate_shorthash() reads the file."""
+
     def __init__(self, filename, shorthash):
         self.filename = filename
         self.name = os.path.splitext(os.path.basename(filename))[0]
         self.name_for_extra = self.name
         self.model_name = self.name
-        self.hash = shorthash[:8]
-        self.sha256 = shorthash * 6
+        self.hash = shorthash[:8] if shorthash else None
+        self.sha256 = shorthash * 6 if shorthash else None
         self.shorthash = shorthash
-        self.title = f"{self.name} [{shorthash}]"
+        self.title = f"{self.name} [{shorthash}]" if shorthash else self.name
         self.short_title = self.title
-        self.ids = [self.hash, self.model_name, self.title, self.name, self.shorthash, self.sha256]
+        self.ids = [self.model_name, self.title, self.name] + ([self.hash, self.shorthash, self.sha256] if shorthash else [])
+
+    def calculate_shorthash(self):
+        import hashlib
+
+        with open(self.filename, "rb") as f:
+            self.sha256 = hashlib.sha256(f.read()).hexdigest()
+        if self.shorthash == self.sha256[:10]:
+            return self.shorthash
+        self.shorthash = self.sha256[:10]
+        self.ids += [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]"]
+        old_title = self.title
+        self.title = self.short_title = f"{self.name} [{self.shorthash}]"
+        checkpoints_list.pop(old_title, None)
+        self.register()
+        return self.shorthash
 
     def register(self):
         checkpoints_list[self.title] = self
