@@ -41,7 +41,7 @@ def test_the_loader_builds_an_independent_model_in_the_unet_dtype_on_the_cpu(loa
     # the host's hijack globals describe the active model, not the source
     assert (sd_hijack.model_hijack.clip, sd_hijack.model_hijack.layers, sd_unet.original_forward) == (
         active_clip, active_layers, active_forward)
-    assert model in loader.sd_models.alpha_overrides
+    assert id(model) in loader.sd_models.alpha_overrides
     assert source.latent_format.name == "SD1" and not source.on_device
 
 
@@ -51,3 +51,31 @@ def test_ds_through_the_real_loader_gives_the_tiny_loaders_image(webui, monkeypa
     monkeypatch.setattr(webui.models, "load_source", webui.real_load_source)
     real, _, _ = generate(webui, ds(source="sd15_b", strength=2.0))
     assert torch.equal(real, tiny)
+
+
+def test_repeated_load_and_release_leaves_nothing_of_the_source(loader, monkeypatch):
+    """Source switch, DS off + Free, and Free: after each release nothing of the model survives, the
+    hijacked text encoder and the k-diffusion denoiser included (weak references die)."""
+    import gc
+    import weakref
+
+    from test_a1111_lifecycle import lora_ds, write_lora
+
+    from delta_hosts import generation
+
+    write_lora(loader)
+    refs = []
+    for cycle in range(3):
+        generate(loader, lora_ds(strength=1.0, source="sd15_b"))
+        source = next(iter(generation.CACHE.entries.values()))
+        refs.append([weakref.ref(o) for o in (source, source.model, source.denoiser, source.model.cond_stage_model,
+                                              source.model.model.diffusion_model, *source.adapters.values())])
+        del source
+        if cycle == 0:
+            generate(loader, lora_ds(strength=1.0, source="sd15_a"))  # a switch beyond the cache size of 1
+        else:
+            generate(loader)  # DS off keeps it cached ...
+            generation.free_sources()  # ... Free releases it
+        gc.collect()
+        assert [r() for r in refs[-1]] == [None] * len(refs[-1]), cycle
+    generation.free_sources()

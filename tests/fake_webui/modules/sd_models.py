@@ -111,5 +111,5 @@ def apply_alpha_schedule_override(sd_model, p=None):
     """The real one also applies the downcast / zero-terminal-SNR options, on shared.device."""
     if not hasattr(sd_model, "alphas_cumprod") or not hasattr(sd_model, "alphas_cumprod_original"):
         return
-    alpha_overrides.append(sd_model)
+    alpha_overrides.append(id(sd_model))  # ids: a test fake must not keep models alive
     sd_model.alphas_cumprod = sd_model.alphas_cumprod_original
