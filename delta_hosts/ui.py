@@ -101,6 +101,11 @@ def warn_if_missing(kind: str, name: str) -> None:
 
 
 def free_sources() -> None:
+    """The panel's *Free source models* button."""
+    gr.Info(release_after_running_job())
+
+
+def release_after_running_job() -> str:
     """Release every cached source model after the running generation: on Forge's generation thread, or
     under A1111's queue lock (held by every UI and API generation), never under a running sampler."""
     from . import generation
@@ -115,7 +120,15 @@ def free_sources() -> None:
     else:
         message = main_thread.run_and_wait_result(generation.free_sources)
     logger.info("%s", message)
-    gr.Info(message)
+    return message
+
+
+FREE_ROUTE = "/delta-sampling/v1/free"
+
+
+def mount_api(_demo: Any, app: Any) -> None:
+    """script_callbacks.on_app_started: `POST /delta-sampling/v1/free` is the Free button for API users."""
+    app.add_api_route(FREE_ROUTE, lambda: {"message": release_after_running_job()}, methods=["POST"])
 
 
 def refresh_adapters(kind: str) -> dict:

@@ -46,6 +46,7 @@ if ADAPTER is not None:
         if hasattr(ADAPTER, name):
             getattr(script_callbacks, name)(getattr(ADAPTER, name))
 script_callbacks.on_ui_settings(ui.on_ui_settings)
+script_callbacks.on_app_started(ui.mount_api)
 script_callbacks.on_before_ui(xyz.register)
 script_callbacks.on_script_unloaded(generation.CACHE.clear)
 xyz.register()  # --nowebui builds the API's X/Y/Z script before on_before_ui fires

@@ -240,6 +240,15 @@ def test_free_button_releases_cached_sources(webui):
     assert webui.a1111.CACHE.entries == {} and gradio.warnings[-1] == "Released 1 source model(s)."
 
 
+def test_free_is_an_api_route_too(webui):
+    routes = {}
+    app = type("App", (), {"add_api_route": lambda self, path, fn, methods: routes.update({(path, *methods): fn})})()
+    webui.callbacks.app_started_callback(None, app)
+    generate(webui, ds())
+    assert routes[("/delta-sampling/v1/free", "POST")]() == {"message": "Released 1 source model(s)."}
+    assert webui.a1111.CACHE.entries == {}
+
+
 def test_free_button_waits_for_the_running_generation(webui):
     """A1111 runs the button beside a generation: it frees only when the job's queue lock is released."""
     import threading

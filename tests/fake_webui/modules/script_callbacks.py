@@ -92,6 +92,14 @@ def on_script_unloaded(callback, *, name=None):
     add_callback("script_unloaded", callback, name)
 
 
+def on_app_started(callback, *, name=None):
+    add_callback("app_started", callback, name)
+
+
+def app_started_callback(demo, app):
+    _dispatch("app_started", demo, app)
+
+
 def on_infotext_pasted(callback, *, name=None):
     add_callback("infotext_pasted", callback, name)
 
