@@ -634,16 +634,8 @@ def openclip_tree(root: str) -> tuple[nn.Module, nn.Module]:
     """A UNet plus an OpenCLIP text encoder at `root` (SDXL's second encoder, or SD2's only one)."""
     torch.manual_seed(0)
     leaves = {k: v for k, v in sd15_leaves().items() if not k.startswith("cond_stage_model")}
-    tree = build_tree(leaves)
     blocks = nn.Sequential(OpenClipBlock(6), OpenClipBlock(6))
-    *path, last = f"{root}.model.transformer.resblocks".split(".")
-    parent = tree
-    for part in path:
-        if part not in parent._modules:
-            parent.add_module(part, nn.Module())
-        parent = parent._modules[part]
-    parent.add_module(last, blocks)
-    return tree, blocks
+    return build_tree({**leaves, f"{root}.model.transformer.resblocks": blocks}), blocks
 
 
 @pytest.mark.parametrize(("root", "prefix"), [("conditioner.embedders.1", "lora_te2_"), ("cond_stage_model", "lora_te_")])
