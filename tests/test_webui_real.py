@@ -217,11 +217,21 @@ class RunsCode:
 
 
 def placed(server: str, folder: str, name: str, content: bytes):
-    """Write a file into the WebUI's models folder and refresh the host's lists; yields its path."""
+    """Write a file into the WebUI's models folder and refresh the host's lists; returns its path."""
     path = Path(WEBUI_DIR) / "models" / folder / name
     path.write_bytes(content)
-    call(server, "/sdapi/v1/refresh-checkpoints" if folder == "Stable-diffusion" else "/sdapi/v1/refresh-loras", {})
+    refresh(server, folder)
     return path
+
+
+def removed(server: str, path: Path) -> None:
+    """Delete a placed file and refresh the host's lists, so no later test picks a file that is gone."""
+    path.unlink(missing_ok=True)
+    refresh(server, path.parent.name)
+
+
+def refresh(server: str, folder: str) -> None:
+    call(server, "/sdapi/v1/refresh-checkpoints" if folder == "Stable-diffusion" else "/sdapi/v1/refresh-loras", {})
 
 
 def checkpoint_title(server: str, filename: str) -> str:
@@ -260,7 +270,7 @@ def test_a_malicious_pickle_never_runs_in_any_role(server, role, tmp_path):
         assert f"refused to read the {words} '{path.name}'" in error_text(body), body
         assert not marker.exists()
     finally:
-        path.unlink(missing_ok=True)
+        removed(server, path)
     assert txt2img(server, prompt_args(server, 1.0))[0] == 200
 
 
@@ -279,7 +289,7 @@ def test_a_truncated_safetensors_is_refused_and_left_as_it_is(server, role):
         assert path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == digest
         assert not Path(f"{path}.corrupted").exists()
     finally:
-        path.unlink(missing_ok=True)
+        removed(server, path)
 
 
 def test_a_lora_for_another_architecture_is_refused_with_counts(server):
