@@ -21,7 +21,7 @@ from lib_delta import DeltaError, latent, logger
 from lib_delta.lora import LoraAdapter
 
 from .files import find_checkpoint, read_weights, split_title  # noqa: F401 - re-exported
-from .generation import encode_prompts, loading_source
+from .generation import encode_prompts, loading_source, trim_heap
 from .memory import MemoryPolicy
 
 
@@ -266,3 +266,4 @@ def release(source: SourceModel) -> None:
     source.model = source.denoiser = None  # type: ignore[assignment]
     gc.collect()
     devices.torch_gc()
+    trim_heap()  # glibc keeps freed pages otherwise: RSS would stay up after a release
