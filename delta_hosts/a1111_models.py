@@ -104,7 +104,12 @@ class SourceModel:
 
             if not hasattr(getattr(self.model, "first_stage_model", None), "decode"):
                 self.model.first_stage_model = NoVae()
-            lowvram.setup_for_low_vram(self.model, not shared.cmd_opts.lowvram)
+            try:
+                with _unwrapped_text_encoder(self.model):  # A1111 sets up low VRAM before it wraps encoders
+                    lowvram.setup_for_low_vram(self.model, not shared.cmd_opts.lowvram)
+            except Exception:
+                self.model.lowvram = False  # set first by A1111: a retry would skip the hooks
+                raise
             with _without(self.denoiser, "inner_model"):
                 self.denoiser.to(devices.device)  # the denoiser's own sigmas
         else:
@@ -168,6 +173,21 @@ def text_encoder_field(model: Any) -> str:
 
 def text_encoders(model: Any) -> torch.nn.Module:
     return getattr(model, text_encoder_field(model))
+
+
+@contextlib.contextmanager
+def _unwrapped_text_encoder(model: Any) -> Iterator[None]:
+    """The hijack's wrapper (sd_hijack_clip / _open_clip) in place of the encoder it wraps, for a while."""
+    wrapper = getattr(model, "cond_stage_model", None)
+    inner = getattr(wrapper, "wrapped", None)
+    if inner is None or hasattr(model, "conditioner"):  # SDXL: lowvram hooks the conditioner itself
+        yield
+        return
+    model.cond_stage_model = inner
+    try:
+        yield
+    finally:
+        model.cond_stage_model = wrapper
 
 
 @contextlib.contextmanager

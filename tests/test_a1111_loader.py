@@ -37,7 +37,7 @@ def test_the_loader_builds_an_independent_model_in_the_unet_dtype_on_the_cpu(loa
     torch.testing.assert_close(unet_weight.float(), weights["model.diffusion_model.input_blocks.0.0.weight"],
                                rtol=0, atol=0 if no_half else 1e-3)
     assert model.alphas_cumprod.dtype == torch.float32  # never downcast by the conversion
-    assert model.cond_stage_model.hijacked and not model.training
+    assert type(model.cond_stage_model).__name__ == "FrozenCLIPEmbedderWithCustomWords" and not model.training
     # the host's hijack globals describe the active model, not the source
     assert (sd_hijack.model_hijack.clip, sd_hijack.model_hijack.layers, sd_unet.original_forward) == (
         active_clip, active_layers, active_forward)
@@ -79,3 +79,23 @@ def test_repeated_load_and_release_leaves_nothing_of_the_source(loader, monkeypa
         gc.collect()
         assert [r() for r in refs[-1]] == [None] * len(refs[-1]), cycle
     generation.free_sources()
+
+
+@pytest.mark.parametrize("mode", ["medvram", "lowvram"])
+def test_low_vram_set_up_works_on_a_hijacked_source(loader, monkeypatch, mode):
+    """A1111 sets up low VRAM before it wraps the text encoder; a source is wrapped when it loads, so its
+    set-up must see the unwrapped encoder (the wrapper has no `.transformer`), and every hook lands."""
+    from modules import lowvram, shared
+
+    plain, _, _ = generate(loader, ds(source="sd15_b", strength=2.0))
+    loader.a1111.CACHE.clear()
+    monkeypatch.setattr(shared.cmd_opts, mode, True)
+    monkeypatch.setattr(lowvram, "module_in_gpu", None)
+    low, _, _ = generate(loader, ds(source="sd15_b", strength=2.0))
+    model = next(iter(loader.a1111.CACHE.entries.values())).model
+    unet = model.model.diffusion_model
+    hooked = [model.model] if mode == "medvram" else [unet.time_embed, *unet.input_blocks]
+    assert model.lowvram and all(part._forward_pre_hooks for part in hooked)
+    assert model.cond_stage_model.wrapped.transformer._forward_pre_hooks  # the text encoder's hook
+    assert type(model.cond_stage_model).__name__ == "FrozenCLIPEmbedderWithCustomWords"
+    assert torch.equal(low, plain)
