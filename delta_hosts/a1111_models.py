@@ -113,7 +113,7 @@ class SourceModel:
             with _without(self.denoiser, "inner_model"):
                 self.denoiser.to(devices.device)  # the denoiser's own sigmas
         else:
-            with _without(self.model, text_encoder_field(self.model)):
+            with _without(self.model, *TEXT_ENCODER_FIELDS):
                 self.denoiser.to(devices.device)
         self.on_device = True
 
@@ -167,12 +167,11 @@ def policy(model: Any) -> MemoryPolicy:
     return MemoryPolicy("lowvram" if shared.cmd_opts.lowvram else "medvram")
 
 
-def text_encoder_field(model: Any) -> str:
-    return "conditioner" if hasattr(model, "conditioner") else "cond_stage_model"
+TEXT_ENCODER_FIELDS = ("conditioner", "cond_stage_model")  # SDXL after the hijack: both name the conditioner
 
 
 def text_encoders(model: Any) -> torch.nn.Module:
-    return getattr(model, text_encoder_field(model))
+    return getattr(model, "conditioner", None) or model.cond_stage_model
 
 
 @contextlib.contextmanager
@@ -191,14 +190,16 @@ def _unwrapped_text_encoder(model: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _without(parent: torch.nn.Module, name: str) -> Iterator[None]:
-    """`parent` without one child while moving it: that child stays where it is."""
-    child = getattr(parent, name)
-    setattr(parent, name, None)
+def _without(parent: torch.nn.Module, *names: str) -> Iterator[None]:
+    """`parent` without some children while moving it: they stay where they are."""
+    children = {name: getattr(parent, name) for name in names if getattr(parent, name, None) is not None}
+    for name in children:
+        setattr(parent, name, None)
     try:
         yield
     finally:
-        setattr(parent, name, child)
+        for name, child in children.items():
+            setattr(parent, name, child)
 
 
 def cached_source(cache: Any, info: Any, role: str = "source checkpoint") -> SourceModel:

@@ -59,6 +59,17 @@ def test_text_encoder_is_on_the_device_only_while_encoding(webui, device):
     assert device(model.cond_stage_model) == {"cpu"}
 
 
+def test_an_sdxl_source_keeps_its_conditioner_off_the_device(webui, device):
+    """After A1111's hijack an SDXL model names its text encoders twice (`conditioner` and
+    `cond_stage_model`): neither may carry them onto the device with the UNet."""
+    generate(webui, ds(strength=1.0))
+    src = source(webui)
+    src.offload()
+    src.model.conditioner = src.model.cond_stage_model  # the SDXL layout after the hijack
+    src.to_device()
+    assert device(src.model.model) == {"cuda"} and device(src.model.conditioner) == {"cpu"}
+
+
 def test_ds_off_moves_the_source_off_the_device_and_on_again_loads_nothing(webui, device):
     write_lora(webui)
     generate(webui, lora_ds(strength=1.0))
