@@ -30,7 +30,7 @@ from .generation import (
     fail,
     prepare,
 )
-from .memory import MemoryPolicy
+from .memory import activation_shape
 
 if HOST == FORGE:
     from . import forge_models as models
@@ -81,7 +81,7 @@ def begin_pass(p: Any) -> None:
 def _activation_reserve(p: Any, state: Prepared) -> int:
     """What one source branch needs while it runs (the branches run one after the other): the source
     UNet's own estimate for a cond + uncond batch at this pass's latent size."""
-    shape = MemoryPolicy.activation_shape(p, state.source.latent_format.channels)
+    shape = activation_shape(p, state.source.latent_format.channels)
     return max((int(patcher.memory_required(shape)) for patcher in _source_patchers(state)
                 if hasattr(patcher, "memory_required")), default=0)
 

@@ -27,6 +27,7 @@ from lib_delta.source import Branch, CfgSourcePair, ModelCache
 from lib_delta.spec import FIELDS, INFOTEXT_KEY, DeltaSettings, malformed_source
 
 from . import files
+from .memory import pass_size
 
 CACHE = ModelCache(capacity=1, release=lambda source: source.release())
 STATE_ATTR = "_delta_sampling"  # on p: the prepared pair and the current pass's run
@@ -133,7 +134,7 @@ def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
     adapted_prompts = per_image(s.adapted_prompt, prompts) if s.adapted_prompt else base_prompts
     negatives = per_image(s.negative_prompt, negatives)
     steps, hires_steps = _steps(p, hr)
-    width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr else (p.width, p.height)
+    width, height = pass_size(p)
 
     def branch(model: Any, texts: list[str], context: Callable = contextlib.nullcontext,
                encoding: Callable | None = None) -> Branch:

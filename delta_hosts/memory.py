@@ -19,16 +19,17 @@ LATENT_DOWNSCALE = 8  # every supported VAE: pixels per latent cell
 
 @dataclass(frozen=True)
 class MemoryPolicy:
-    low_vram: str = ""  # "", "medvram" or "lowvram": the host's low-VRAM mode for this source
+    low_vram: str = ""  # "", "medvram" or "lowvram": the host's low-VRAM mode (A1111: its hooks serve the source)
 
-    @property
-    def unet_stays_on_device(self) -> bool:
-        """Normal mode: the UNet is on the device while DS is on. Low VRAM: only while it runs."""
-        return not self.low_vram
 
-    @staticmethod
-    def activation_shape(p: Any, channels: int) -> list[int]:
-        """The latent batch one source branch runs on (cond + uncond rows) at this pass's size."""
-        hires = bool(getattr(p, "is_hr_pass", False))
-        width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hires else (p.width, p.height)
-        return [2 * int(p.batch_size), channels, height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE]
+def pass_size(p: Any) -> tuple[int, int]:
+    """(width, height) of the pass being sampled: the hires target in a hires pass."""
+    if getattr(p, "is_hr_pass", False):
+        return p.hr_upscale_to_x, p.hr_upscale_to_y
+    return p.width, p.height
+
+
+def activation_shape(p: Any, channels: int) -> list[int]:
+    """The latent batch one source branch runs on (cond + uncond rows) at this pass's size."""
+    width, height = pass_size(p)
+    return [2 * int(p.batch_size), channels, height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE]
