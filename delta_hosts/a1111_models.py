@@ -135,18 +135,12 @@ class SourceModel:
         release(self)
 
 
-@contextlib.contextmanager
-def _own_unet() -> Iterator[None]:
+def _own_unet() -> contextlib.AbstractContextManager[None]:
     """A selected SD Unet (TensorRT, ...) answers every UNetModel.forward with the target's engine, which
     would make the delta ~0: the source runs its own UNet, and the selection is put back right after."""
     from modules import sd_unet
 
-    selected = sd_unet.current_unet
-    sd_unet.current_unet = None
-    try:
-        yield
-    finally:
-        sd_unet.current_unet = selected
+    return _temporarily(sd_unet, current_unet=None)
 
 
 class NoVae(torch.nn.Module):
@@ -174,32 +168,30 @@ def text_encoders(model: Any) -> torch.nn.Module:
     return getattr(model, "conditioner", None) or model.cond_stage_model
 
 
-@contextlib.contextmanager
-def _unwrapped_text_encoder(model: Any) -> Iterator[None]:
-    """The hijack's wrapper (sd_hijack_clip / _open_clip) in place of the encoder it wraps, for a while."""
-    wrapper = getattr(model, "cond_stage_model", None)
-    inner = getattr(wrapper, "wrapped", None)
+def _unwrapped_text_encoder(model: Any) -> contextlib.AbstractContextManager[None]:
+    """The encoder the hijack's wrapper (sd_hijack_clip / _open_clip) wraps, in its place for a while."""
+    inner = getattr(getattr(model, "cond_stage_model", None), "wrapped", None)
     if inner is None or hasattr(model, "conditioner"):  # SDXL: lowvram hooks the conditioner itself
-        yield
-        return
-    model.cond_stage_model = inner
-    try:
-        yield
-    finally:
-        model.cond_stage_model = wrapper
+        return contextlib.nullcontext()
+    return _temporarily(model, cond_stage_model=inner)
+
+
+def _without(parent: torch.nn.Module, *names: str) -> contextlib.AbstractContextManager[None]:
+    """`parent` without some children while moving it: they stay where they are."""
+    return _temporarily(parent, **{name: None for name in names if getattr(parent, name, None) is not None})
 
 
 @contextlib.contextmanager
-def _without(parent: torch.nn.Module, *names: str) -> Iterator[None]:
-    """`parent` without some children while moving it: they stay where they are."""
-    children = {name: getattr(parent, name) for name in names if getattr(parent, name, None) is not None}
-    for name in children:
-        setattr(parent, name, None)
+def _temporarily(obj: Any, **values: Any) -> Iterator[None]:
+    """Attributes of `obj` set to `values` for a while, then put back."""
+    saved = {name: getattr(obj, name) for name in values}
+    for name, value in values.items():
+        setattr(obj, name, value)
     try:
         yield
     finally:
-        for name, child in children.items():
-            setattr(parent, name, child)
+        for name, value in saved.items():
+            setattr(obj, name, value)
 
 
 def cached_source(cache: Any, info: Any, role: str = "source checkpoint") -> SourceModel:
