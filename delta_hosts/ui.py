@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
 
 from lib_delta import DeltaError, logger
-from lib_delta.spec import FIELD_BY_ATTR, FIELDS, MALFORMED, DeltaSettings, malformed_source
+from lib_delta.spec import FIELD_BY_ATTR, FIELDS, MALFORMED, DeltaSettings, coerce, malformed_source
 
 from . import choices
 
@@ -36,13 +37,13 @@ def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list
         if unsupported:
             gr.Markdown(unsupported)
         with gr.Row():
-            c["source"] = gr.Dropdown(choices=selectable(choices.checkpoints()), allow_custom_value=True,
+            c["source"] = gr.Dropdown(choices=selectable("source", choices.checkpoints()), allow_custom_value=True,
                                       **kw("source"))
             create_refresh_button(c["source"], choices.refresh_checkpoints,
-                                  lambda: {"choices": selectable(choices.checkpoints())}, eid("source_refresh"))
+                                  lambda: {"choices": selectable("source", choices.checkpoints())}, eid("source_refresh"))
         with gr.Row():
             c["adapter_kind"] = gr.Dropdown(choices=list(FIELD_BY_ATTR["adapter_kind"].choices), **kw("adapter_kind"))
-            c["adapter"] = gr.Dropdown(choices=selectable(choices.adapters("lora")), allow_custom_value=True,
+            c["adapter"] = gr.Dropdown(choices=selectable("adapter", choices.adapters("lora")), allow_custom_value=True,
                                        **kw("adapter"))
             refresh = ToolButton(value="\U0001f504", elem_id=eid("adapter_refresh"), tooltip="DS adapter: refresh")
             c["adapter_weight"] = slider("adapter_weight")
@@ -81,9 +82,10 @@ def on_kind_change(kind: str, adapter: str) -> tuple[dict, dict, dict, dict]:
     """List the new kind's adapters; drop a value that names an adapter of another kind; hide unused fields;
     the adapted prompt's placeholder says what an empty box means for this kind."""
     names = choices.adapters(kind)
+    adapter = coerce(FIELD_BY_ATTR["adapter"], adapter)
     stale = adapter not in names and adapter in choices.adapters(None)
     hint = ADAPTED_PROMPT_REQUIRED if kind == "prompt" else FIELD_BY_ATTR["adapted_prompt"].tooltip
-    return (gr.update(choices=selectable(names), value="" if stale or kind == "prompt" else adapter, visible=kind != "prompt"),
+    return (gr.update(choices=selectable("adapter", names), value="" if stale or kind == "prompt" else adapter, visible=kind != "prompt"),
             gr.update(visible=kind == "lora"), gr.update(visible=kind != "prompt"), gr.update(placeholder=hint))
 
 
@@ -92,6 +94,7 @@ def warn_if_missing(kind: str, name: str) -> None:
     message; Forge Classic shows only "TypeError: 'NoneType' ..." for any failed generation."""
     from . import files
 
+    name = coerce(FIELD_BY_ATTR["source" if kind == "checkpoint" else "adapter"], name)
     if not name or kind == "prompt" or name.startswith(MALFORMED):
         return
     try:
@@ -134,13 +137,21 @@ def mount_api(_demo: Any, app: Any) -> None:
 def refresh_adapters(kind: str) -> dict:
     """The adapter refresh button: rescan the host's files, list the kind this page shows."""
     choices.refresh_adapters()
-    return gr.update(choices=selectable(choices.adapters(kind)))
+    return gr.update(choices=selectable("adapter", choices.adapters(kind)))
 
 
-def selectable(names: list[str]) -> list[str]:
-    """Choices with the empty default first: gradio 4 shows the first choice when the value is not
-    among them, yet submits the empty value, so a panel that looks filled would fail."""
-    return ["", *names]
+def selectable(attr: str, names: list[str]) -> list[Any]:
+    """Choices with a readable empty entry first. gradio 4 shows the first choice when the value is not
+    among them (yet submits the value), so the empty value is a (label, "") choice; gradio 3 has no such
+    choices, shows a bare "" as a lone check mark, and submits the label, which coerce() reads as empty."""
+    label = FIELD_BY_ATTR[attr].empty_label
+    return [(label, "") if named_choices() else label, *names]
+
+
+@functools.cache
+def named_choices() -> bool:
+    """Whether this gradio's Dropdown takes (name, value) choices (gradio 4+; gradio 3 str()s them)."""
+    return gr.Dropdown(choices=[("name", "")]).choices == [("name", "")]
 
 
 class PasteKey(str):

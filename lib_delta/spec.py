@@ -32,16 +32,17 @@ class Field:
     choices: tuple[str, ...] = ()
     readable: bool = False  # also written as its own infotext key
     tooltip: str = ""
+    empty_label: str = ""  # what a dropdown shows for the empty value; submitting it means empty
 
 
 FIELDS: tuple[Field, ...] = (
     Field("enabled", "Delta Sampling", "on", bool, False, tooltip="Turn Delta Sampling on for this generation."),
-    Field("source", "DS source", "src", str, "", readable=True,
+    Field("source", "DS source", "src", str, "", readable=True, empty_label="(choose a source)",
           tooltip="Base checkpoint the adapter was made for (e.g. SD1.5). Runs beside the active checkpoint."),
     Field("adapter_kind", "DS adapter kind", "kind", str, "lora", choices=ADAPTER_KINDS,
           tooltip="lora: LoRA/LyCORIS file on the source; checkpoint: a fine-tune of the source; "
                   "prompt: the same source with the adapted prompt only."),
-    Field("adapter", "DS adapter", "adp", str, "", readable=True,
+    Field("adapter", "DS adapter", "adp", str, "", readable=True, empty_label="(choose an adapter)",
           tooltip="The LoRA/LyCORIS file or fine-tuned checkpoint whose effect is transferred."),
     Field("adapter_weight", "DS adapter weight", "w", float, 1.0, -4.0, 4.0, 0.05,
           tooltip="LoRA multiplier applied on the source side."),
@@ -206,7 +207,7 @@ def coerce(field: Field, value: Any) -> Any:
             return float(value)
         if not isinstance(value, str | None):
             raise ValueError(value)
-        value = "" if value is None else value
+        value = "" if value is None or (field.empty_label and value == field.empty_label) else value
     except (TypeError, ValueError) as e:
         raise DeltaError(f"Delta Sampling: bad value {value!r} for {field.label}: expected {_allowed(field)}") from e
     if field.choices and value not in field.choices:

@@ -34,9 +34,7 @@ def test_ui_returns_components_in_spec_order_without_side_effects(webui):
     assert [c.kwargs.get("label") for c in comps] == [f.label for f in FIELDS]
     assert [c.value for c in comps] == DeltaSettings().to_args()
     assert type(comps[0]).__name__ == "InputAccordion" and len(again) == len(FIELDS)
-    assert comps[1].kwargs["choices"] == ["", "sd15_a [0000000001]", "sd15_b [0000000002]"]
-    # gradio 4 shows the first choice when the value is not a choice, but submits the value
-    assert all(c.value in c.kwargs["choices"] for c in comps if "choices" in c.kwargs)
+    assert comps[1].kwargs["choices"] == ["(choose a source)", "sd15_a [0000000001]", "sd15_b [0000000002]"]
     assert (registered(webui), webui.loads) == before
     (event, kw), = comps[2].events
     assert event == "change" and kw["inputs"] == [comps[2], comps[3]] and kw["outputs"][:2] == [comps[3], comps[4]]
@@ -114,6 +112,34 @@ def test_malformed_infotext_is_a_clear_error_at_paste_and_at_generation(webui):
         generate(webui, settings)
 
 
+@pytest.mark.parametrize("named", [False, True], ids=["gradio3", "gradio4"])
+def test_the_empty_source_and_adapter_read_as_a_label_and_submit_empty(webui, monkeypatch, named):
+    """gradio 3 shows a bare "" choice as a lone check mark; gradio 4 shows the first choice when the value is
+    not a choice. Both show the label, and what reaches the settings for it is empty."""
+    import gradio
+
+    from delta_hosts import ui
+
+    monkeypatch.setattr(gradio, "NAMED_CHOICES", named)
+    ui.named_choices.cache_clear()
+    try:
+        comps = webui.script.ui(False)
+    finally:
+        ui.named_choices.cache_clear()
+    for attr, label in (("source", "(choose a source)"), ("adapter", "(choose an adapter)")):
+        box = comps[[f.attr for f in FIELDS].index(attr)]
+        first = box.kwargs["choices"][0]
+        assert first == ((label, "") if named else label) and box.value == ""
+        shown = {value: name for name, value in box.choices} if named else {}
+        assert shown.get(box.value, label) == label  # gradio 4 shows the choice whose value is the value
+        submitted = "" if named else label
+        args = DeltaSettings().replace(enabled=True).to_args()
+        args[[f.attr for f in FIELDS].index(attr)] = submitted
+        assert getattr(DeltaSettings.from_args(args), attr) == ""
+    with pytest.raises(DeltaError, match="DS source is empty"):
+        DeltaSettings.from_args(DeltaSettings().replace(enabled=True, source="(choose a source)").to_args()).validate()
+
+
 def test_adapter_kind_switch_lists_that_kind_and_drops_a_stale_value(webui):
     from delta_hosts import ui
 
@@ -128,8 +154,8 @@ def test_adapter_kind_switch_lists_that_kind_and_drops_a_stale_value(webui):
     assert adapter["visible"] is False and adapter["value"] == "" and weight["visible"] is False
     assert refresh["visible"] is False
     adapter, weight, refresh, _ = ui.on_kind_change("lora", "")
-    assert adapter["choices"] == ["", "style"] and weight["visible"] is True and refresh["visible"] is True
-    assert ui.refresh_adapters("lora")["choices"] == ["", "style"]
+    assert adapter["choices"] == ["(choose an adapter)", "style"] and weight["visible"] is True
+    assert refresh["visible"] is True and ui.refresh_adapters("lora")["choices"] == ["(choose an adapter)", "style"]
     assert ui.refresh_adapters("checkpoint")["choices"][1].startswith("sd15_a")
 
 
@@ -283,6 +309,8 @@ def test_a_name_that_does_not_resolve_warns_when_chosen(webui):
     ui.warn_if_missing("checkpoint", "sd15_a [0000000001]")
     ui.warn_if_missing("lora", "style")
     ui.warn_if_missing("prompt", "anything")
+    ui.warn_if_missing("checkpoint", "(choose a source)")
+    ui.warn_if_missing("lora", "(choose an adapter)")
     assert gradio.warnings == before
     ui.warn_if_missing("checkpoint", "gone [123]")
     ui.warn_if_missing("lora", "gone")

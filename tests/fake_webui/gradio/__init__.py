@@ -45,8 +45,14 @@ class Slider(Block):
     pass
 
 
+NAMED_CHOICES = False  # gradio 4 keeps (name, value) choices; gradio 3.41 str()s every choice
+
+
 class Dropdown(Block):
-    pass
+    def __init__(self, *args: Any, choices: list | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, choices=choices, **kwargs)
+        named = [tuple(c) if isinstance(c, tuple | list) else (str(c), c) for c in choices or []]
+        self.choices = named if NAMED_CHOICES else [str(c) for c in choices or []]
 
 
 class Textbox(Block):
