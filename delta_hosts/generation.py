@@ -151,7 +151,7 @@ def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
         adapted = branch(src, adapted_prompts)
     cfg = getattr(p, "hr_cfg", None) if hr else None  # Forge's hires CFG
     return CfgSourcePair(src.latent_format, base, adapted, s.source_cfg or float(cfg or p.cfg_scale),
-                         getattr(src, "sigma_max", math.inf), src.title)
+                         getattr(src, "sigma_max", math.inf), src.title, shares_uncond=s.adapter_kind == "prompt")
 
 
 PROMPT_PLACEHOLDER = "{prompt}"

@@ -47,7 +47,10 @@ def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list
                                        **kw("adapter"))
             refresh = ToolButton(value="\U0001f504", elem_id=eid("adapter_refresh"), tooltip="DS adapter: refresh")
             c["adapter_weight"] = slider("adapter_weight")
-        c["strength"] = slider("strength")
+        with gr.Row():
+            c["strength"] = slider("strength")
+            c["strength_mode"] = gr.Radio(choices=list(FIELD_BY_ATTR["strength_mode"].choices), **kw("strength_mode"))
+            c["speed"] = gr.Radio(choices=list(FIELD_BY_ATTR["speed"].choices), **kw("speed"))
         with gr.Row():
             c["schedule"] = gr.Dropdown(choices=list(FIELD_BY_ATTR["schedule"].choices), **kw("schedule"))
             c["start"] = slider("start")
@@ -55,7 +58,15 @@ def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list
         for attr in ("base_prompt", "adapted_prompt", "negative_prompt"):
             c[attr] = gr.Textbox(lines=1, placeholder=FIELD_BY_ATTR[attr].tooltip, **kw(attr))
         with gr.Accordion("Advanced", open=False):
-            c["source_cfg"] = slider("source_cfg")
+            with gr.Row():
+                c["source_cfg"] = slider("source_cfg")
+                c["cap"] = slider("cap")
+            gr.Markdown("Speed knobs, used when DS speed is *custom*:")
+            with gr.Row():
+                c["batched"] = gr.Checkbox(**kw("batched"))
+                c["cond_only"] = gr.Checkbox(**kw("cond_only"))
+                c["native_size"] = gr.Checkbox(**kw("native_size"))
+                c["reuse"] = slider("reuse")
             free = gr.Button(value="Free source models", elem_id=eid("free"))
     free.click(fn=free_sources, inputs=[], outputs=[], show_progress=False)
     c["source"].change(fn=lambda name: warn_if_missing("checkpoint", name), inputs=[c["source"]], outputs=[],

@@ -7,7 +7,7 @@ from types import ModuleType
 from typing import Any
 
 from lib_delta import DeltaError, logger
-from lib_delta.spec import FIELD_BY_ATTR, SCHEDULES, coerce
+from lib_delta.spec import FIELD_BY_ATTR, SCHEDULES, SPEEDS, STRENGTH_MODES, coerce
 
 from . import choices
 
@@ -19,12 +19,17 @@ AXES: tuple[tuple[str, str, float], ...] = (
     ("source", "Source checkpoint", 1.0),
     ("adapter", "Adapter", 0.9),
     ("enabled", "Enabled", 0.0),
+    ("speed", "Speed", 0.0),
+    ("strength_mode", "Strength mode", 0.0),
+    ("cap", "Cap", 0.0),
 )
 AXIS_CHOICES: dict[str, Callable[[], list[str]]] = {
     "schedule": lambda: list(SCHEDULES),
     "source": choices.checkpoints,
     "adapter": lambda: choices.adapters(None),
     "enabled": lambda: ["True", "False"],
+    "speed": lambda: list(SPEEDS),
+    "strength_mode": lambda: list(STRENGTH_MODES),
 }
 
 

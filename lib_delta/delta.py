@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from . import DeltaError, latent, logger, schedules
-from .spec import DeltaSettings
+from .spec import LAMBDA_RANGE, DeltaSettings
 
 CondsList = Sequence[Sequence[tuple[int, float]]]  # per image: (row, weight) of each AND sub-prompt
 
@@ -59,8 +59,14 @@ class SourcePair(Protocol):
     sigma_max: float
     title: str
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, *, adapted: bool, step: int,
-                skip_uncond: bool) -> torch.Tensor: ...
+    def denoise_pair(self, x: torch.Tensor, sigma: torch.Tensor, *, step: int, skip_uncond: bool,
+                     batched: bool) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @property
+    def scale(self) -> float: ...  # the source's CFG scale
+
+    @property
+    def shares_uncond(self) -> bool: ...  # base and adapted have equal uncond predictions
 
 
 @dataclass
@@ -70,6 +76,7 @@ class StepInput:
     step: int  # model-call index, drives prompt editing
     progress: float
     skip_uncond: bool = False
+    uncond: torch.Tensor | None = None  # the target's uncond prediction (x0, or eps for timestep samplers)
 
 
 @dataclass
@@ -86,6 +93,9 @@ class DeltaRun:
     applied_steps: int = 0
     last_lambda: float = 0.0
     history: list[float] = field(default_factory=list)
+    source_calls: int = 0  # steps whose delta was computed (not reused)
+    reused: tuple[int, torch.Tensor] | None = None  # (model call, delta) of the last computed delta
+    guidance: torch.Tensor | None = None  # per-image norm of the target's last CFG update
 
     def __post_init__(self) -> None:
         latent.check_pair(self.pair.latent_format, self.target_format, getattr(self.pair, "title", ""),
@@ -110,26 +120,75 @@ class DeltaRun:
             a = _per_image(alpha, step.x)
             x = step.x / a.sqrt()  # k-diffusion state x0 + sigma * eps
             x0 = (step.x - (1 - a).sqrt() * denoised) / a.sqrt()
+            uncond = None if step.uncond is None else (step.x - (1 - a).sqrt() * step.uncond) / a.sqrt()
         else:
-            sigma, x, x0 = step.sigma, step.x, denoised
-        delta = self.delta(x, x0, sigma, step)
+            sigma, x, x0, uncond = step.sigma, step.x, denoised, step.uncond
+        delta = self.reusable_delta(step)
+        if delta is None:
+            delta = self.delta(x, x0, sigma, step)
+        update = self.scaled(lam, delta, x0, uncond)
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("step %d: sigma %.4g, lambda %.4g, mean |delta| %.4g, mean |x0| %.4g", step.step,
-                         float(sigma.max()), lam, float(delta.abs().mean()), float(x0.abs().mean()))
+            logger.debug("step %d: sigma %.4g, lambda %.4g, mean |delta| %.4g, mean |update| %.4g, mean |x0| %.4g",
+                         step.step, float(sigma.max()), lam, float(delta.abs().mean()), float(update.abs().mean()),
+                         float(x0.abs().mean()))
         if self.nmask is not None:
-            delta = delta * self.nmask
+            update = update * self.nmask
         self.applied_steps += 1
         if self.alphas_cumprod is not None:
-            return denoised - lam * delta / _per_image(sigma, delta)  # eps' = eps - lambda * dx0 / sigma
-        return denoised + lam * delta
+            return denoised - update / _per_image(sigma, update)  # eps' = eps - dx0 / sigma
+        return denoised + update
+
+    def reusable_delta(self, step: StepInput) -> torch.Tensor | None:
+        """The last delta while it is younger than `reuse` model calls (Δ reuse)."""
+        every = int(self.settings.knob("reuse"))
+        if self.reused is None or every <= 1:
+            return None
+        call, delta = self.reused
+        return delta if 0 <= step.step - call < every and delta.shape == step.x.shape else None
+
+    def scaled(self, lam: float, delta: torch.Tensor, x0: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        """lambda * delta; `auto` measures lambda in units of the target's CFG update; `cap` bounds the update."""
+        s = self.settings
+        if s.strength_mode == "fixed" and s.cap == 0.0:
+            return lam * delta
+        if uncond is not None and bool((x0 != uncond).any()):
+            self.guidance = _norms(x0 - uncond)
+        if self.guidance is None:
+            if s.strength_mode == "auto":
+                raise DeltaError("Delta Sampling: auto strength measures the delta against the target's CFG "
+                                 "update, and this sampler gave none (CFG scale 1, or the uncond pass skipped "
+                                 "from the first step). Raise the CFG scale or use fixed strength.")
+            return lam * delta
+        size = _norms(delta).clamp_min(1e-12)
+        lam_t = lam * self.guidance / size if s.strength_mode == "auto" else torch.full_like(size, lam)
+        lam_t = lam_t.clamp(*LAMBDA_RANGE)
+        if s.cap > 0.0:
+            limit = s.cap * self.guidance / size
+            lam_t = torch.where(lam_t.abs() > limit, lam_t.sign() * limit, lam_t)
+        return _per_image(lam_t, delta) * delta
 
     def delta(self, x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, step: StepInput) -> torch.Tensor:
         """Delta in the target's latent space, from the source pair run on the target's state."""
-        src = self.pair.latent_format
+        s, src = self.settings, self.pair.latent_format
+        size = latent.native_size(src, x.shape[-2:]) if s.knob("native_size") else None
+        if size is not None:
+            x, x0 = latent.downsample_state(x, x0, sigma, self.target_format.family, size)
         limit = getattr(self.pair, "sigma_max", math.inf)
         x_src, sigma_src = latent.source_state(x, x0, sigma, src, self.target_format, limit)
-        kw = {"step": step.step, "skip_uncond": step.skip_uncond}
-        base = self.pair.denoise(x_src, sigma_src, adapted=False, **kw)
-        adapted = self.pair.denoise(x_src, sigma_src, adapted=True, **kw)
-        delta = latent.delta_to_target(adapted - base, src, self.target_format)
-        return require_finite(delta).to(x0.dtype)
+        cond_only = bool(s.knob("cond_only"))
+        base, adapted = self.pair.denoise_pair(x_src, sigma_src, step=step.step,
+                                               skip_uncond=step.skip_uncond or cond_only, batched=s.knob("batched"))
+        delta = adapted - base
+        if cond_only and not step.skip_uncond and self.pair.shares_uncond:
+            delta = delta * self.pair.scale  # exact: with one uncond, CFG'd delta = scale * cond delta
+        if size is not None:
+            delta = latent.upsample(delta, step.x.shape[-2:])
+        delta = require_finite(latent.delta_to_target(delta, src, self.target_format)).to(x0.dtype)
+        self.source_calls += 1
+        self.reused = (step.step, delta)
+        return delta
+
+
+def _norms(v: torch.Tensor) -> torch.Tensor:
+    """Per-image RMS, in float32."""
+    return v.float().pow(2).flatten(1).mean(1).sqrt()

@@ -22,6 +22,8 @@ class LatentFormat:
     shift: float = 0.0
     family: str = "vp"  # noise schedule: "vp" (eps / v: x = x0 + sigma * eps) or "flow" (x = (1-s) x0 + s * eps)
     vae: str = "sd"  # the latent space; formats of one VAE differ at most by scale and shift
+    native_side: int = 512  # the side, in pixels, models of this format were mostly trained at
+    downscale: int = 8  # pixels per latent pixel
 
     def to_unscaled(self, z: torch.Tensor) -> torch.Tensor:
         return z / self.scale + self.shift
@@ -36,12 +38,12 @@ class LatentFormat:
 
 SD1 = LatentFormat("SD1", 4, 0.18215)
 SD2 = LatentFormat("SD2", 4, 0.18215)
-SDXL = LatentFormat("SDXL", 4, 0.13025)
-SD3 = LatentFormat("SD3", 16, 1.5305, 0.0609, family="flow", vae="sd3")
-FLUX = LatentFormat("Flux", 16, 0.3611, 0.1159, family="flow", vae="flux")  # also Chroma, Z-Image, Lumina 2
-FLUX2 = LatentFormat("Flux.2", 128, 1.0, family="flow", vae="flux2")
-WAN21 = LatentFormat("Wan 2.1 VAE", 16, 1.0, family="flow", vae="wan21")  # Qwen-Image, Anima (per-channel norm)
-WAN_VIDEO = LatentFormat("Wan 2.1 video", 16, 1.0, family="flow", vae="wan21-video")  # 5-D latents
+SDXL = LatentFormat("SDXL", 4, 0.13025, native_side=1024)
+SD3 = LatentFormat("SD3", 16, 1.5305, 0.0609, family="flow", vae="sd3", native_side=1024)
+FLUX = LatentFormat("Flux", 16, 0.3611, 0.1159, family="flow", vae="flux", native_side=1024)  # Chroma, Z-Image, Lumina 2
+FLUX2 = LatentFormat("Flux.2", 128, 1.0, family="flow", vae="flux2", native_side=1024, downscale=16)
+WAN21 = LatentFormat("Wan 2.1 VAE", 16, 1.0, family="flow", vae="wan21", native_side=1024)  # Qwen-Image, Anima
+WAN_VIDEO = LatentFormat("Wan 2.1 video", 16, 1.0, family="flow", vae="wan21-video", native_side=832)  # 5-D
 FORMATS = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX, FLUX2, WAN21, WAN_VIDEO)}
 
 
@@ -108,3 +110,55 @@ def delta_to_target(delta_source: torch.Tensor, source: LatentFormat, target: La
     if same_space(source, target):
         return delta_source
     return delta_source * (target.scale / source.scale)
+
+
+# -- native-size source: run the source at its trained resolution, scale the delta up ----------------
+NATIVE_MARGIN = 1.25  # downsample only when the target has this many times the source's trained area
+
+
+def native_size(source: LatentFormat, size: torch.Size | tuple[int, int]) -> tuple[int, int] | None:
+    """The latent (h, w) near the source's trained area with the target's aspect ratio (multiples of 8),
+    or None when the target is not clearly larger."""
+    h, w = int(size[0]), int(size[1])
+    native = (source.native_side / source.downscale) ** 2
+    if h * w <= NATIVE_MARGIN * native:
+        return None
+    factor = math.sqrt(native / (h * w))
+    return max(8, round(h * factor / 8) * 8), max(8, round(w * factor / 8) * 8)
+
+
+def downsample_state(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, family: str,
+                     size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, x0) at `size`: x0 area-averaged; the noise (x - a x0) / b area-averaged and rescaled to unit
+    variance per pixel (an average of n pixels has 1/n of the variance), so sigma stays the noise level."""
+    a, b = (_shape(c, x) for c in _coefficients(sigma.to(x.dtype), family))
+    noise = torch.where(b > 0, (x - a * x0) / b.clamp_min(1e-12), torch.zeros_like(x))
+    x0_small = area(x0, size)
+    noise_small = area(noise, size) * _block_counts(x.shape[-2:], size, x).sqrt()
+    return a * x0_small + b * noise_small, x0_small
+
+
+def area(v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Averages over the input pixels each output pixel covers (exact for a constant field)."""
+    return torch.nn.functional.adaptive_avg_pool2d(v.float(), size).to(v.dtype)
+
+
+def upsample(delta: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """Bilinear (exact for a constant field; measured against bicubic and nearest in bench/)."""
+    if tuple(delta.shape[-2:]) == tuple(size):
+        return delta
+    up = torch.nn.functional.interpolate(delta.float(), size=tuple(size), mode=UPSAMPLE_MODE,
+                                         **({} if UPSAMPLE_MODE == "nearest" else {"align_corners": False}))
+    return up.to(delta.dtype)
+
+
+UPSAMPLE_MODE = "bilinear"
+
+
+def _block_counts(big: torch.Size, small: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """How many input pixels adaptive_avg_pool2d averages into each output pixel, as an (h, w) tensor."""
+    def spans(n_in: int, n_out: int) -> torch.Tensor:
+        return torch.tensor([math.ceil((i + 1) * n_in / n_out) - (i * n_in) // n_out for i in range(n_out)],
+                            dtype=like.dtype, device=like.device)
+
+    return spans(big[0], small[0])[:, None] * spans(big[1], small[1])[None, :]

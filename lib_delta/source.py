@@ -36,30 +36,69 @@ def token_length(cond: Any) -> int:
 
 @dataclass
 class Branch:
-    """One side of the pair: a model, its conditioning per step, and an optional context (LoRA on)."""
+    """One side of the pair: a model, its conditioning per step, and an optional context (LoRA on).
+    `rows_context(first_row)`, where offered, applies the same adaptation only to rows first_row.. of a batch
+    run through the shared model (the batched pair)."""
 
     model_fn: ModelFn
     conds_at: Callable[[int], StepConds]
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    rows_context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, step: int, scale: float,
-                skip_uncond: bool) -> torch.Tensor:
-        conds_list, cond, uncond = self.conds_at(step)
+    def rows(self, x: torch.Tensor, sigma: torch.Tensor, step: int, uncond: bool) -> Rows:
+        """The model-call rows of this branch: one per sub-prompt of each image, then one uncond per image."""
+        conds_list, cond, uncond_cond = self.conds_at(step)
         if len(conds_list) != x.shape[0]:
             raise ValueError(f"source conditioning has {len(conds_list)} images, the batch has {x.shape[0]}")
         repeats = [len(c) for c in conds_list]
-        x_cond = torch.cat([x[i : i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(repeats)])
-        s_cond = torch.cat([sigma[i : i + 1].expand(n) for i, n in enumerate(repeats)])
+        xs = [torch.cat([x[i : i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(repeats)])]
+        ss = [torch.cat([sigma[i : i + 1].expand(n) for i, n in enumerate(repeats)])]
+        cs = [cond]
+        if uncond:
+            xs, ss, cs = [*xs, x], [*ss, sigma], [*cs, uncond_cond]
+        return Rows(conds_list, xs, ss, cs, uncond)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, step: int, scale: float,
+                skip_uncond: bool) -> torch.Tensor:
+        cond_only = skip_uncond or scale == 1.0  # CFG 1 is the cond prediction: skip the uncond pass
+        rows = self.rows(x, sigma, step, uncond=not cond_only)
         with self.context():
-            if skip_uncond or scale == 1.0:  # CFG 1 is the cond prediction: skip the uncond pass
-                out = self.model_fn(x_cond, s_cond, cond)
-                first_rows = [c[0][0] for c in conds_list]
-                return combine_cfg(torch.cat([out, out[first_rows]]), conds_list, 1.0)
-            if token_length(cond) == token_length(uncond):
-                out = self.model_fn(torch.cat([x_cond, x]), torch.cat([s_cond, sigma]), cat_conds([cond, uncond]))
-            else:
-                out = torch.cat([self.model_fn(x_cond, s_cond, cond), self.model_fn(x, sigma, uncond)])
-        return combine_cfg(out, conds_list, scale)
+            out = rows.run(self.model_fn)
+        return rows.combine(out, scale)
+
+
+@dataclass
+class Rows:
+    """A branch's model inputs as parts (cond rows, then uncond rows if any), and how to combine its outputs."""
+
+    conds_list: CondsList
+    xs: list[torch.Tensor]
+    sigmas: list[torch.Tensor]
+    conds: list[Any]
+    uncond: bool  # the last x.shape[0] output rows are the uncond predictions
+
+    @property
+    def count(self) -> int:
+        return sum(len(x) for x in self.xs)
+
+    def run(self, model_fn: ModelFn) -> torch.Tensor:
+        """One call where the conditionings can be batched (same token length), else one per part."""
+        if len({token_length(c) for c in self.conds}) == 1:
+            return model_fn(torch.cat(self.xs), torch.cat(self.sigmas), cat_conds(self.conds))
+        return torch.cat([model_fn(x, s, c) for x, s, c in zip(self.xs, self.sigmas, self.conds, strict=True)])
+
+    def combine(self, out: torch.Tensor, scale: float, uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """CFG of this branch's outputs; `uncond`: uncond rows computed elsewhere (a shared uncond)."""
+        if uncond is not None:
+            return combine_cfg(torch.cat([out, uncond]), self.conds_list, scale)
+        if not self.uncond:  # cond only: each image's first sub-prompt stands in for the uncond
+            first_rows = [c[0][0] for c in self.conds_list]
+            return combine_cfg(torch.cat([out, out[first_rows]]), self.conds_list, 1.0)
+        return combine_cfg(out, self.conds_list, scale)
+
+    def joined(self, other: Rows) -> Rows:
+        return Rows(self.conds_list, [*self.xs, *other.xs], [*self.sigmas, *other.sigmas],
+                    [*self.conds, *other.conds], self.uncond)
 
 
 @dataclass
@@ -73,11 +112,40 @@ class CfgSourcePair:
     sigma_max: float = math.inf  # the source's highest trained noise level (VP sigma)
     title: str = ""
     cfg_multiplier: float = 1.0  # the target sampler's own CFG factor (A1111's DDIM CFG++: 1/12.5)
+    shares_uncond: bool = False  # one model, one negative prompt (prompt adapter): equal uncond rows
+
+    @property
+    def scale(self) -> float:
+        return self.cfg_scale * self.cfg_multiplier
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, *, adapted: bool, step: int,
                 skip_uncond: bool) -> torch.Tensor:
         branch = self.adapted if adapted else self.base
-        return branch.denoise(x, sigma, step, self.cfg_scale * self.cfg_multiplier, skip_uncond)
+        return branch.denoise(x, sigma, step, self.scale, skip_uncond)
+
+    def can_batch(self) -> bool:
+        """Base and adapted run through one model: the same model with the adaptation on some rows."""
+        same_model = self.base.model_fn is self.adapted.model_fn and self.base.context is contextlib.nullcontext
+        return same_model and (self.adapted.context is contextlib.nullcontext or self.adapted.rows_context is not None)
+
+    def denoise_pair(self, x: torch.Tensor, sigma: torch.Tensor, *, step: int, skip_uncond: bool,
+                     batched: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, adapted) CFG'd x0. Batched: one model call with the base rows first and the adaptation on
+        the rest; a shared uncond is run once. Equal to two separate calls."""
+        if not (batched and self.can_batch()):
+            return (self.denoise(x, sigma, adapted=False, step=step, skip_uncond=skip_uncond),
+                    self.denoise(x, sigma, adapted=True, step=step, skip_uncond=skip_uncond))
+        cond_only = skip_uncond or self.scale == 1.0
+        base = self.base.rows(x, sigma, step, uncond=not cond_only)
+        shared = self.shares_uncond and not cond_only
+        adapted = self.adapted.rows(x, sigma, step, uncond=not (cond_only or shared))
+        rows = base.joined(adapted)
+        rows_context = self.adapted.rows_context or (lambda _first: contextlib.nullcontext())
+        with rows_context(base.count):
+            out = rows.run(self.base.model_fn)
+        out_base, out_adapted = out[: base.count], out[base.count :]
+        shared_uncond = out_base[-x.shape[0] :] if shared else None
+        return base.combine(out_base, self.scale), adapted.combine(out_adapted, self.scale, shared_uncond)
 
 
 class ModelCache:

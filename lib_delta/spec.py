@@ -15,6 +15,8 @@ SPEC_VERSION = 1
 INFOTEXT_KEY = "Delta Sampling"  # the compact, versioned value
 ADAPTER_KINDS = ("lora", "checkpoint", "prompt")
 SCHEDULES = ("constant", "linear", "cosine", "exponential", "sigmoid")
+STRENGTH_MODES = ("fixed", "auto")
+SPEEDS = ("exact", "balanced", "fast", "custom")
 LAMBDA_RANGE = (-2.0, 10.0)
 MALFORMED = "[malformed DS infotext] "  # source value standing for a paste that could not be read
 
@@ -64,9 +66,34 @@ FIELDS: tuple[Field, ...] = (
                   "prompt. Empty: the target's negative prompt."),
     Field("source_cfg", "DS source CFG", "cfg", float, 0.0, 0.0, 30.0, 0.5,
           tooltip="CFG scale for the source pair. 0: the target's CFG scale."),
+    Field("strength_mode", "DS strength mode", "sm", str, "fixed", choices=STRENGTH_MODES, readable=True,
+          tooltip="fixed: lambda as set. auto: lambda is relative to the target's own guidance: each step "
+                  "scales the delta to lambda x the size of the target's CFG update (try 0.3-1)."),
+    Field("cap", "DS cap", "cap", float, 0.0, 0.0, 10.0, 0.05,
+          tooltip="Limit the added lambda x delta to this multiple of the target's CFG update (against "
+                  "over-saturation at large lambda). 0: no limit."),
+    Field("speed", "DS speed", "spd", str, "exact", choices=SPEEDS, readable=True,
+          tooltip="exact: same result as the plain method. balanced / fast: shortcuts with a measured cost "
+                  "(README, Performance). custom: the knobs below."),
+    Field("batched", "DS batched pair", "bat", bool, True,
+          tooltip="custom: run base and adapted as one batch where they share weights (same result, more "
+                  "memory per step)."),
+    Field("cond_only", "DS cond-only delta", "co", bool, False,
+          tooltip="custom: skip the source's uncond passes (half the source cost, approximate for LoRA)."),
+    Field("reuse", "DS delta every", "ru", float, 1.0, 1.0, 4.0, 1.0,
+          tooltip="custom: compute the delta every k model calls and reuse it in between."),
+    Field("native_size", "DS native-size source", "ns", bool, False,
+          tooltip="custom: run the source at its own trained resolution (e.g. SD1.5 at ~512 px under a "
+                  "1024 px SDXL target) and scale the delta up."),
 )
+SPEED_KNOBS = ("batched", "cond_only", "reuse", "native_size")
+PRESETS: dict[str, dict[str, Any]] = {  # what each speed preset sets; README, Performance, has their costs
+    "exact": {"batched": True, "cond_only": False, "reuse": 1.0, "native_size": False},
+    "balanced": {"batched": True, "cond_only": False, "reuse": 2.0, "native_size": True},
+    "fast": {"batched": True, "cond_only": True, "reuse": 2.0, "native_size": True},
+}
 FIELD_BY_ATTR: dict[str, Field] = {f.attr: f for f in FIELDS}
-XYZ_ATTRS = ("strength", "schedule", "source", "adapter", "enabled")
+XYZ_ATTRS = ("strength", "schedule", "source", "adapter", "enabled", "speed", "strength_mode", "cap")
 
 
 @dataclass(frozen=True)
@@ -84,6 +111,17 @@ class DeltaSettings:
     adapted_prompt: str = ""
     negative_prompt: str = ""
     source_cfg: float = 0.0
+    strength_mode: str = "fixed"
+    cap: float = 0.0
+    speed: str = "exact"
+    batched: bool = True
+    cond_only: bool = False
+    reuse: float = 1.0
+    native_size: bool = False
+
+    def knob(self, attr: str) -> Any:
+        """A speed knob's effective value: the preset's, or the field's own under speed 'custom'."""
+        return getattr(self, attr) if self.speed == "custom" else PRESETS[self.speed][attr]
 
     @classmethod
     def from_args(cls, args: Sequence[Any]) -> DeltaSettings:
@@ -118,8 +156,12 @@ class DeltaSettings:
             raise DeltaError(f"Delta Sampling: DS adapter is empty: choose a {self.adapter_kind} adapter file.")
         if self.adapter_kind == "prompt" and not self.adapted_prompt:
             raise DeltaError("Delta Sampling: DS adapted prompt is empty: a prompt adapter needs an adapted prompt.")
-        if self.schedule not in SCHEDULES:
-            raise DeltaError(f"Delta Sampling: unknown schedule {self.schedule!r}; use one of {SCHEDULES}.")
+        for f in FIELDS:
+            if f.choices and getattr(self, f.attr) not in f.choices:
+                raise DeltaError(f"Delta Sampling: {f.label} must be one of {', '.join(f.choices)}, "
+                                 f"got {getattr(self, f.attr)!r}")
+        if self.reuse != int(self.reuse):
+            raise DeltaError(f"Delta Sampling: DS delta every must be a whole number of model calls, got {self.reuse}")
         for f in FIELDS:
             value = getattr(self, f.attr)
             if f.kind is float and not math.isfinite(value):
