@@ -86,12 +86,19 @@ def on_cfg_denoiser(params: Any) -> None:
         abort(state, as_delta_error(e))
 
 
+def on_cfg_denoised(params: Any) -> None:
+    """The model's rows before CFG, uncond last: auto strength and the cap measure the CFG update."""
+    if ACTIVE and ACTIVE[-1].run is not None and ACTIVE[-1].run.pending is not None:
+        state = ACTIVE[-1]
+        state.host["uncond"] = params.x[-state.run.pending.x.shape[0]:]
+
+
 def on_cfg_after_cfg(params: Any) -> None:
     if not ACTIVE:
         return
     state = ACTIVE.pop()
     try:
-        params.x = state.run.apply(params.x)
+        params.x = state.run.apply(params.x, state.host.pop("uncond", None))
     except Exception as e:
         abort(state, as_delta_error(e))
 

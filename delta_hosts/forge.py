@@ -79,9 +79,10 @@ def begin_pass(p: Any) -> None:
 
 
 def _activation_reserve(p: Any, state: Prepared) -> int:
-    """What one source branch needs while it runs (the branches run one after the other): the source
-    UNet's own estimate for a cond + uncond batch at this pass's latent size."""
-    shape = activation_shape(p, state.source.latent_format.channels)
+    """What one source model call needs while it runs: the source UNet's own estimate for its largest batch
+    (Forge's LoRA cannot follow batch rows, so only a prompt adapter's pair is batched here)."""
+    batched = state.settings.knob("batched") and state.settings.adapter_kind == "prompt"
+    shape = activation_shape(p, state.settings, state.source.latent_format, batched)
     return max((int(patcher.memory_required(shape)) for patcher in _source_patchers(state)
                 if hasattr(patcher, "memory_required")), default=0)
 
@@ -144,7 +145,7 @@ def _post_cfg(state: Prepared, configured_cfg: float) -> Any:
         try:
             skip = _skipped_uncond(args, configured_cfg)
             run.capture(StepInput(args["input"], args["sigma"], count.step, count.progress, skip))
-            return run.apply(denoised)
+            return run.apply(denoised, None if skip else args.get("uncond_denoised"))
         except Exception as e:
             abort(state, as_delta_error(e))
             return denoised

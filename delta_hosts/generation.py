@@ -137,16 +137,17 @@ def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
     width, height = pass_size(p)
 
     def branch(model: Any, texts: list[str], context: Callable = contextlib.nullcontext,
-               encoding: Callable | None = None) -> Branch:
+               encoding: Callable | None = None, rows_context: Callable | None = None) -> Branch:
         with (encoding or context)():
             c, uc = model.encode(texts, negatives, steps, hires_steps, width, height)
-        return Branch(model.model_fn, _conds_at(c, uc), context)
+        return Branch(model.model_fn, _conds_at(c, uc), context, rows_context)
 
     base = branch(src, base_prompts)
     if s.adapter_kind == "checkpoint":
         adapted = branch(state.adapted, adapted_prompts)
     elif s.adapter_kind == "lora":  # a LoRA may switch its text encoder part separately
-        adapted = branch(src, adapted_prompts, state.lora.enabled, getattr(state.lora, "encoding", None))
+        adapted = branch(src, adapted_prompts, state.lora.enabled, getattr(state.lora, "encoding", None),
+                         getattr(state.lora, "rows", None))  # where the host's LoRA can follow batch rows
     else:
         adapted = branch(src, adapted_prompts)
     cfg = getattr(p, "hr_cfg", None) if hr else None  # Forge's hires CFG

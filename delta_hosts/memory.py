@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-LATENT_DOWNSCALE = 8  # every supported VAE: pixels per latent cell
+from lib_delta import latent
+from lib_delta.latent import LatentFormat
+from lib_delta.spec import DeltaSettings
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,14 @@ def pass_size(p: Any) -> tuple[int, int]:
     return p.width, p.height
 
 
-def activation_shape(p: Any, channels: int) -> list[int]:
-    """The latent batch one source branch runs on (cond + uncond rows) at this pass's size."""
+def activation_shape(p: Any, settings: DeltaSettings, fmt: LatentFormat, batched: bool) -> list[int]:
+    """The largest latent batch one source model call runs on at this pass's size: cond + uncond rows
+    (cond only with the cond-only delta), both branches' rows when the pair is batched, at the source's
+    own size with a native-size source."""
     width, height = pass_size(p)
-    return [2 * int(p.batch_size), channels, height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE]
+    size = (height // fmt.downscale, width // fmt.downscale)
+    small = latent.native_size(fmt, size) if settings.knob("native_size") else None
+    rows = 1 if settings.knob("cond_only") else 2
+    if batched:
+        rows = rows + 1 if settings.adapter_kind == "prompt" and rows == 2 else 2 * rows  # a shared uncond
+    return [rows * int(p.batch_size), fmt.channels, *(small or size)]

@@ -162,7 +162,7 @@ def selectable(attr: str, names: list[str]) -> list[Any]:
 @functools.cache
 def named_choices() -> bool:
     """Whether this gradio's Dropdown takes (name, value) choices (gradio 4+; gradio 3 str()s them)."""
-    return gr.Dropdown(choices=[("name", "")]).choices == [("name", "")]
+    return gr.Dropdown(choices=[("name", "")], render=False).choices == [("name", "")]  # not drawn in the panel
 
 
 class PasteKey(str):

@@ -76,7 +76,6 @@ class StepInput:
     step: int  # model-call index, drives prompt editing
     progress: float
     skip_uncond: bool = False
-    uncond: torch.Tensor | None = None  # the target's uncond prediction (x0, or eps for timestep samplers)
 
 
 @dataclass
@@ -94,7 +93,7 @@ class DeltaRun:
     last_lambda: float = 0.0
     history: list[float] = field(default_factory=list)
     source_calls: int = 0  # steps whose delta was computed (not reused)
-    reused: tuple[int, torch.Tensor] | None = None  # (model call, delta) of the last computed delta
+    reused: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (model call, sigma, delta) last computed
     guidance: torch.Tensor | None = None  # per-image norm of the target's last CFG update
 
     def __post_init__(self) -> None:
@@ -104,7 +103,9 @@ class DeltaRun:
     def capture(self, step_input: StepInput) -> None:
         self.pending = step_input
 
-    def apply(self, denoised: torch.Tensor) -> torch.Tensor:
+    def apply(self, denoised: torch.Tensor, uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """`denoised`: the target's CFG'd prediction; `uncond`: its uncond prediction where the host has it
+        (x0, or eps for timestep samplers), which `auto` strength and `cap` measure against."""
         step, self.pending = self.pending, None
         if step is None or step.x.shape != denoised.shape:
             raise DeltaError("Delta Sampling: the sampler's CFG callbacks did not pair up "
@@ -120,12 +121,13 @@ class DeltaRun:
             a = _per_image(alpha, step.x)
             x = step.x / a.sqrt()  # k-diffusion state x0 + sigma * eps
             x0 = (step.x - (1 - a).sqrt() * denoised) / a.sqrt()
-            uncond = None if step.uncond is None else (step.x - (1 - a).sqrt() * step.uncond) / a.sqrt()
+            uncond = None if uncond is None else (step.x - (1 - a).sqrt() * uncond) / a.sqrt()
         else:
-            sigma, x, x0, uncond = step.sigma, step.x, denoised, step.uncond
-        delta = self.reusable_delta(step)
+            sigma, x, x0 = step.sigma, step.x, denoised
+        delta = self.reusable_delta(step, sigma)
         if delta is None:
             delta = self.delta(x, x0, sigma, step)
+            self.reused = (step.step, sigma, delta)
         update = self.scaled(lam, delta, x0, uncond)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("step %d: sigma %.4g, lambda %.4g, mean |delta| %.4g, mean |update| %.4g, mean |x0| %.4g",
@@ -138,13 +140,16 @@ class DeltaRun:
             return denoised - update / _per_image(sigma, update)  # eps' = eps - dx0 / sigma
         return denoised + update
 
-    def reusable_delta(self, step: StepInput) -> torch.Tensor | None:
-        """The last delta while it is younger than `reuse` model calls (Δ reuse)."""
+    def reusable_delta(self, step: StepInput, sigma: torch.Tensor) -> torch.Tensor | None:
+        """The last delta while it is younger than `reuse` model calls (Δ reuse), carried to this sigma as a
+        difference of noise predictions: x0 = x - sigma * eps, so dx0 scales with sigma (VP and flow alike)."""
         every = int(self.settings.knob("reuse"))
         if self.reused is None or every <= 1:
             return None
-        call, delta = self.reused
-        return delta if 0 <= step.step - call < every and delta.shape == step.x.shape else None
+        call, old_sigma, delta = self.reused
+        if not (0 <= step.step - call < every and delta.shape == step.x.shape):
+            return None
+        return delta * _per_image(sigma / old_sigma.clamp_min(1e-12), delta) if REUSE_SCALED else delta
 
     def scaled(self, lam: float, delta: torch.Tensor, x0: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         """lambda * delta; `auto` measures lambda in units of the target's CFG update; `cap` bounds the update."""
@@ -185,8 +190,10 @@ class DeltaRun:
             delta = latent.upsample(delta, step.x.shape[-2:])
         delta = require_finite(latent.delta_to_target(delta, src, self.target_format)).to(x0.dtype)
         self.source_calls += 1
-        self.reused = (step.step, delta)
         return delta
+
+
+REUSE_SCALED = True
 
 
 def _norms(v: torch.Tensor) -> torch.Tensor:

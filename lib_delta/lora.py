@@ -13,7 +13,7 @@ import contextlib
 import functools
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -347,6 +347,48 @@ class LoraAdapter:
                 handle.remove()
             for module in list(saved):
                 restore(module)
+            self._active = False
+
+    @contextlib.contextmanager
+    def rows(self, first_row: int) -> Iterator[None]:
+        """Batched pair: patched modules run rows ..first_row with their own weights and the rest with merged
+        weights, each as a separate call, so both halves equal an unbatched call of the same rows."""
+        if self._active:
+            raise RuntimeError("LoraAdapter.rows() inside enabled()")
+        overridden: list[tuple[nn.Module, object]] = []
+
+        def split(module: nn.Module, patches: list[_Patch], forward: Callable[..., torch.Tensor]):
+            def forward_split(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+                if x.shape[0] <= first_row:
+                    raise RuntimeError(f"batched pair: {x.shape[0]} rows, the adapted rows start at {first_row}")
+                head = forward(x[:first_row], *args, **kwargs)
+                originals = []
+                try:
+                    for path, value in _merged(patches, module, self.multiplier).items():
+                        owner, leaf = _owner(module, path)
+                        originals.append((owner, leaf, owner._parameters.get(leaf)))
+                        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+                    tail = forward(x[first_row:], *args, **kwargs)
+                finally:
+                    for owner, leaf, original in reversed(originals):
+                        owner._parameters[leaf] = original
+                return torch.cat([head, tail])
+
+            return forward_split
+
+        self._active = True
+        try:
+            for name, patches in self._patches.items():
+                module = self._modules[name]
+                overridden.append((module, module.__dict__.get("forward")))
+                module.forward = split(module, patches, module.forward)
+            yield
+        finally:
+            for module, own in reversed(overridden):
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
             self._active = False
 
     def merge_into_(self, model: nn.Module) -> None:

@@ -81,9 +81,14 @@ class Rows:
     def count(self) -> int:
         return sum(len(x) for x in self.xs)
 
+    @property
+    def batchable(self) -> bool:
+        """All parts can go in one model call (the same token length)."""
+        return len({token_length(c) for c in self.conds}) == 1
+
     def run(self, model_fn: ModelFn) -> torch.Tensor:
-        """One call where the conditionings can be batched (same token length), else one per part."""
-        if len({token_length(c) for c in self.conds}) == 1:
+        """One call where the conditionings can be batched, else one per part."""
+        if self.batchable:
             return model_fn(torch.cat(self.xs), torch.cat(self.sigmas), cat_conds(self.conds))
         return torch.cat([model_fn(x, s, c) for x, s, c in zip(self.xs, self.sigmas, self.conds, strict=True)])
 
@@ -140,6 +145,9 @@ class CfgSourcePair:
         shared = self.shares_uncond and not cond_only
         adapted = self.adapted.rows(x, sigma, step, uncond=not (cond_only or shared))
         rows = base.joined(adapted)
+        if not rows.batchable:  # prompts of different lengths: the adaptation cannot follow the rows
+            return (self.denoise(x, sigma, adapted=False, step=step, skip_uncond=skip_uncond),
+                    self.denoise(x, sigma, adapted=True, step=step, skip_uncond=skip_uncond))
         rows_context = self.adapted.rows_context or (lambda _first: contextlib.nullcontext())
         with rows_context(base.count):
             out = rows.run(self.base.model_fn)

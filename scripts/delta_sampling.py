@@ -42,7 +42,7 @@ class DeltaSamplingScript(scripts.Script):
 
 
 if ADAPTER is not None:
-    for name in ("on_cfg_denoiser", "on_cfg_after_cfg"):
+    for name in ("on_cfg_denoiser", "on_cfg_denoised", "on_cfg_after_cfg"):
         if hasattr(ADAPTER, name):
             getattr(script_callbacks, name)(getattr(ADAPTER, name))
 script_callbacks.on_ui_settings(ui.on_ui_settings)

@@ -66,7 +66,7 @@ class MiniCFGDenoiser(torch.nn.Module):
             out = self.model_fn(x_in, s_in, torch.cat([cond, uncond]))
         denoised = combine_cfg(out, conds_list, self.cfg)
         if self.run is not None:
-            denoised = self.run.apply(denoised)
+            denoised = self.run.apply(denoised, out[-batch:])
         self.step += 1
         return denoised
 

@@ -118,8 +118,11 @@ def test_forge_family_reserves_the_source_activations_and_unloads_its_text_encod
     original = host.shared.sd_model.forge_objects.unet
     host.memory.preserved.clear()
     _, p, _ = generate(host, ds(strength=1.0), batch_size=2)
-    rows, cells = 2 * 2, (p.height // 8) * (p.width // 8)
+    rows, cells = 3 * 2, (p.height // 8) * (p.width // 8)  # a prompt adapter's batched pair: one shared uncond
     assert max(v for v in host.memory.preserved if v) == int(1.28 * rows * cells * 4 * 16384)  # KModel's, fp32
+    host.memory.preserved.clear()
+    generate(host, ds(strength=1.0, speed="custom", batched=False), batch_size=2)
+    assert max(v for v in host.memory.preserved if v) == int(1.28 * 2 * 2 * cells * 4 * 16384)  # one branch
     assert original.extra_preserved_memory_during_sampling == 0  # the user's patcher is untouched
     source = next(iter(host.generation.CACHE.entries.values()))
     text = source.engine.forge_objects.clip.cond_stage_model if hasattr(source, "engine") else \
