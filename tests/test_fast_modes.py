@@ -284,7 +284,7 @@ def test_native_size_source_runs_small_and_gives_the_full_size_delta():
     x0 = torch.full(big, 0.1)
     deltas = {}
     for native in (False, True):
-        run = DeltaRun(custom(native_size=native), pair, latent.SDXL.__class__(**{**latent.SD1.__dict__}))
+        run = DeltaRun(custom(native_size=native), pair, latent.SD1)
         run.capture(StepInput(x, sigma, 0, 0.5))
         deltas[native] = run.apply(x0, torch.zeros(big)) - x0
     assert shapes == [(128, 128), (128, 128), (64, 64), (64, 64)]

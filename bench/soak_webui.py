@@ -9,38 +9,22 @@ Runs N cycles against a real WebUI's API and records the server's RSS after each
 and prints per variant: RSS before, after the first cycle, and growth per cycle after cycle 2, as MiB and as
 a fraction of one source's size (measured as RSS with a source loaded minus RSS after Free).
 
-    python tests/soak_webui.py --url http://127.0.0.1:7863 --pid $(cat server.pid) --source-a sd15_a \\
+    python bench/soak_webui.py --url http://127.0.0.1:7863 --pid $(cat server.pid) --source-a sd15_a \\
         --source-b sd15_b --cycles 6
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-import urllib.request
 
-
-def call(url: str, path: str, payload: dict | None = None) -> dict:
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=1800) as response:
-        return json.loads(response.read() or b"{}")
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kib / 1024
+from webui_api import call, ds_args, rss_mib
+from webui_api import txt2img as generate
 
 
 def txt2img(url: str, ds_source: str | None) -> None:
-    payload = {"prompt": "a photo of a cat", "steps": 4, "width": 64, "height": 64, "sampler_name": "Euler",
-               "seed": 1}
-    if ds_source:
-        args = [True, ds_source, "prompt", "", 1.0, 2.0, "constant", 0.0, 1.0, "", "a photo of a dog", "", 0]
-        payload["alwayson_scripts"] = {"delta sampling": {"args": args}}
-    call(url, "/sdapi/v1/txt2img", payload)
+    ds = ds_args(source=ds_source, adapter_kind="prompt", strength=2.0, adapted_prompt="a photo of a dog")
+    generate(url, ds if ds_source else None, steps=4, size=64)
 
 
 def variants(url: str, a: str, b: str, target_a: str, target_b: str) -> dict:
