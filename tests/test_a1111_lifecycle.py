@@ -267,3 +267,24 @@ def test_a_selected_sd_unet_never_answers_for_the_source(webui, monkeypatch):
     redirected, _, _ = generate(webui, settings)
     assert calls and sd_unet.current_unet is not None  # the target ran on the engine; selection kept
     torch.testing.assert_close(redirected, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_batched_lora_pair_gives_the_separate_passes_image(webui, sampler):
+    write_lora(webui)
+    separate, _, _ = generate(webui, lora_ds(speed="custom", batched=False), sampler_name=sampler)
+    batched, _, processed = generate(webui, lora_ds(), sampler_name=sampler)  # `exact` batches
+    assert torch.equal(batched, separate)
+    assert all("forward" not in m.__dict__ for m in source_modules(webui))  # the row split is gone
+    assert "spd=" not in processed.infotexts[0]["Delta Sampling"]  # the default is left out
+
+
+def test_auto_strength_and_cap_read_the_targets_uncond(webui):
+    """on_cfg_denoised hands the uncond rows over: auto runs, and a cap that is never reached changes nothing."""
+    write_lora(webui)
+    plain, _, _ = generate(webui, lora_ds(strength=1.0))
+    capped, _, _ = generate(webui, lora_ds(strength=1.0, cap=10.0))
+    auto, _, processed = generate(webui, lora_ds(strength=0.5, strength_mode="auto"))
+    assert torch.equal(capped, plain) and not torch.equal(auto, plain)
+    assert processed.infotexts[0]["DS strength mode"] == "auto"
+    assert webui.a1111.ACTIVE == []

@@ -286,3 +286,12 @@ def test_lora_identity_holds_when_the_host_skips_uncond_on_some_steps(forge, opt
     native, _, _ = generate(forge, **kw)
     forge.shared.opts.data["skip_early_cond"] = 0.0
     torch.testing.assert_close(on, native, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_strength_reads_the_hosts_uncond_prediction(forge):
+    plain, _, _ = generate(forge, ds(strength=1.0))
+    capped, _, _ = generate(forge, ds(strength=1.0, cap=10.0))
+    auto, _, processed = generate(forge, ds(strength=0.5, strength_mode="auto"))
+    assert torch.equal(capped, plain) and not torch.equal(auto, plain)
+    assert processed.infotexts[0]["DS strength mode"] == "auto"
+    assert_host_clean(forge)
