@@ -155,10 +155,10 @@ def main() -> None:
     pair = pair_for(sd15_source, adapter, source_fmt, args.batch)
     rows = [
         Row("plain SD1.5", sd15_target, None, "plain SD1.5"),
-        Row("DS exact, separate passes", sd15_target, custom(batched=False), "plain SD1.5", "exact, separate passes"),
+        Row("DS exact, separate passes", sd15_target, custom(batched=False), "plain SD1.5", "custom: batched=False"),
         Row("DS exact (batched pair)", sd15_target, ds(), "plain SD1.5", "exact"),
-        Row("cond-only delta", sd15_target, custom(cond_only=True), "plain SD1.5", "cond-only"),
-        Row("delta every 2 calls", sd15_target, custom(reuse=2.0), "plain SD1.5", "reuse 2"),
+        Row("cond-only delta", sd15_target, custom(cond_only=True), "plain SD1.5", "custom: cond_only=True"),
+        Row("delta every 2 calls", sd15_target, custom(reuse=2.0), "plain SD1.5", "custom: reuse=2"),
         Row("preset balanced", sd15_target, ds(speed="balanced"), "plain SD1.5", "balanced"),
         Row("preset fast", sd15_target, ds(speed="fast"), "plain SD1.5", "fast"),
     ]
@@ -169,7 +169,7 @@ def main() -> None:
         rows += [
             Row("plain SDXL", xl, None, "plain SDXL"),
             Row("SD1.5 -> SDXL exact", xl, ds(), "plain SDXL", "exact"),
-            Row("SD1.5 -> SDXL native-size source", xl, custom(native_size=True), "plain SDXL", "native size"),
+            Row("SD1.5 -> SDXL native-size source", xl, custom(native_size=True), "plain SDXL", "custom: native_size=True"),
             Row("SD1.5 -> SDXL preset fast", xl, ds(speed="fast"), "plain SDXL", "fast"),
         ]
         groups["plain SDXL"] = (xl_size, latent.SDXL)

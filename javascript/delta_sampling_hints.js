@@ -15,7 +15,7 @@
         "DS adapted prompt": "Prompt for the adapted source model (add trigger words here); {prompt} stands for each image's own prompt, e.g. '{prompt}, pixel art'. Empty: the base prompt.",
         "DS negative prompt": "Negative prompt for both source models; {prompt} stands for each image's own negative prompt. Empty: the target's negative prompt.",
         "DS source CFG": "CFG scale for the source pair. 0: the target's CFG scale.",
-        "DS strength mode": "fixed: lambda as set. auto: lambda is relative to the target's own guidance: each step scales the delta to lambda x the size of the target's CFG update (try 0.3-1).",
+        "DS strength mode": "fixed: lambda as set. auto: lambda is relative to the target's own guidance: each step scales the delta to lambda x the size of the target's CFG update (start at 1).",
         "DS cap": "Limit the added lambda x delta to this multiple of the target's CFG update (against over-saturation at large lambda). 0: no limit.",
         "DS speed": "exact: same result as the plain method. balanced / fast: shortcuts with a measured cost (README, Performance). custom: the knobs below.",
         "DS batched pair": "custom: run base and adapted as one batch where they share weights (same result, more memory per step).",

@@ -170,6 +170,7 @@ class DeltaRun:
         if s.cap > 0.0:
             limit = s.cap * self.guidance / size
             lam_t = torch.where(lam_t.abs() > limit, lam_t.sign() * limit, lam_t)
+        self.last_lambda = self.history[-1] = float(lam_t.mean())  # the lambda applied (mean over images)
         return _per_image(lam_t, delta) * delta
 
     def delta(self, x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, step: StepInput) -> torch.Tensor:

@@ -78,7 +78,9 @@ def source_state(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, source:
                  target: LatentFormat, source_sigma_max: float = math.inf) -> tuple[torch.Tensor, torch.Tensor]:
     """The source's view of the target state: (x_src, sigma_src) in the source's latent and schedule.
 
-    Same noise and same signal-to-noise ratio, x0 mapped through the unscaled latent. Above the source's
+    Same noise and the same sigma, x0 mapped through the unscaled latent: each format's scale normalizes its
+    latents to about unit variance, so the same sigma is the same signal-to-noise ratio in each model's own
+    units (the official node's rule; a toy whose scales do not normalize would see another SNR). Above the source's
     own sigma_max (a zero-terminal-SNR or flow target at its first steps) the state is re-noised down to
     sigma_max with the same noise direction: a model asked about noise levels it never saw extrapolates,
     and an eps model's x0 error grows with sigma. Exactly `x, sigma` for a same-space pair in range.

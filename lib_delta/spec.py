@@ -68,7 +68,7 @@ FIELDS: tuple[Field, ...] = (
           tooltip="CFG scale for the source pair. 0: the target's CFG scale."),
     Field("strength_mode", "DS strength mode", "sm", str, "fixed", choices=STRENGTH_MODES, readable=True,
           tooltip="fixed: lambda as set. auto: lambda is relative to the target's own guidance: each step "
-                  "scales the delta to lambda x the size of the target's CFG update (try 0.3-1)."),
+                  "scales the delta to lambda x the size of the target's CFG update (start at 1)."),
     Field("cap", "DS cap", "cap", float, 0.0, 0.0, 10.0, 0.05,
           tooltip="Limit the added lambda x delta to this multiple of the target's CFG update (against "
                   "over-saturation at large lambda). 0: no limit."),
