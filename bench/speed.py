@@ -137,7 +137,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--no-xl", action="store_true", help="skip the SD1.5 -> SDXL rows (SDXL needs ~11 GB RAM)")
+    ap.add_argument("--groups", nargs="+", default=["same", "xl"], choices=["same", "xl"],
+                    help="same: a same-size SD1.5 pair; xl: SD1.5 -> SDXL (needs ~14 GB RAM in fp32)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.float16 if args.gpu else torch.float32
@@ -153,7 +154,7 @@ def main() -> None:
     # the source's native size in latent cells: SD1.5's 512 px, scaled like the target on CPU
     source_fmt = dataclasses.replace(latent.SD1, native_side=8 * xl_size // 2)
     pair = pair_for(sd15_source, adapter, source_fmt, args.batch)
-    rows = [
+    rows = [] if "same" not in args.groups else [
         Row("plain SD1.5", sd15_target, None, "plain SD1.5"),
         Row("DS exact, separate passes", sd15_target, custom(batched=False), "plain SD1.5", "custom: batched=False"),
         Row("DS exact (batched pair)", sd15_target, ds(), "plain SD1.5", "exact"),
@@ -164,7 +165,7 @@ def main() -> None:
     ]
     groups = {"plain SD1.5": (size, latent.SD1)}
     models = {"SD1.5": sd15_target}
-    if not args.no_xl:
+    if "xl" in args.groups:
         xl = models["SDXL"] = build("SDXL", 4, device, dtype, calls)
         rows += [
             Row("plain SDXL", xl, None, "plain SDXL"),

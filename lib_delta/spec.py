@@ -89,7 +89,7 @@ FIELDS: tuple[Field, ...] = (
 SPEED_KNOBS = ("batched", "cond_only", "reuse", "native_size")
 PRESETS: dict[str, dict[str, Any]] = {  # what each speed preset sets; README, Performance, has their costs
     "exact": {"batched": True, "cond_only": False, "reuse": 1.0, "native_size": False},
-    "balanced": {"batched": True, "cond_only": False, "reuse": 2.0, "native_size": True},
+    "balanced": {"batched": True, "cond_only": False, "reuse": 2.0, "native_size": False},
     "fast": {"batched": True, "cond_only": True, "reuse": 2.0, "native_size": True},
 }
 FIELD_BY_ATTR: dict[str, Field] = {f.attr: f for f in FIELDS}
