@@ -95,6 +95,21 @@ def lora_state_dict(unet: torch.nn.Module, rank: int, seed: int) -> dict[str, to
     return sd
 
 
+def meta_flops_per_row(name: str, side: int) -> int:
+    """FLOPs of one row at a latent side, counted on the meta device: real sizes without the memory."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**CONFIGS[name])
+        extra = {}
+        if unet.config.addition_embed_type == "text_time":
+            extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, 1280), "time_ids": torch.zeros(1, 6)}}
+        context = torch.zeros(1, 77, unet.config.cross_attention_dim)
+        with FlopCounterMode(display=False) as counter:
+            unet(torch.zeros(1, 4, side, side), torch.tensor([500]), encoder_hidden_states=context, **extra)
+    return counter.get_total_flops()
+
+
 def flops_per_row(model: Model, size: tuple[int, int], cache: dict) -> int:
     """FLOPs of one latent row through this UNet at this size (torch's flop counter; rows add linearly)."""
     key = (model.name, size)

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from archs import Model, build, flops_per_row, lora_state_dict  # noqa: E402
+from archs import Model, build, flops_per_row, lora_state_dict, meta_flops_per_row  # noqa: E402
 from k_diffusion import sampling  # noqa: E402
 
 from lib_delta import latent  # noqa: E402
@@ -137,9 +137,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--floors", action="store_true", help="only the FLOP floors of SD1.5 -> SDXL at 1024 px (no timing)")
     ap.add_argument("--groups", nargs="+", default=["same", "xl"], choices=["same", "xl"],
                     help="same: a same-size SD1.5 pair; xl: SD1.5 -> SDXL (needs ~14 GB RAM in fp32)")
     args = ap.parse_args()
+    if args.floors:
+        return real_size_floors()
     device = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.float16 if args.gpu else torch.float32
     size = args.size or (64 if args.gpu else 16)
@@ -196,6 +199,18 @@ def main() -> None:
                 row.times.append(elapsed / args.steps)
         print(f"pass {i + 1}/{args.repeats + 1} done", flush=True)
     report(rows, args, device, dtype)
+
+
+def real_size_floors() -> None:
+    """SD1.5 -> SDXL at 1024 px: FLOPs per step over plain SDXL, from rows per step of each mode (target 2;
+    the pair 4, 2 with cond-only; halved by delta every 2 calls; at 512 px with a native-size source)."""
+    xl, sd15_1024, sd15_512 = (meta_flops_per_row(n, side) for n, side in (("SDXL", 128), ("SD1.5", 128), ("SD1.5", 64)))
+    print(f"per row: SDXL 1024 px {xl / 1e12:.2f} TFLOP, SD1.5 1024 px {sd15_1024 / 1e12:.2f}, 512 px {sd15_512 / 1e12:.2f}")
+    modes = {"exact": 4 * sd15_1024, "native-size source": 4 * sd15_512, "cond-only": 2 * sd15_1024,
+             "balanced (delta every 2)": 2 * sd15_1024, "fast (cond-only, every 2, native size)": sd15_512}
+    print("| SD1.5 -> SDXL, 1024 px | FLOP floor |\n|---|---|")
+    for name, source in modes.items():
+        print(f"| {name} | {(2 * xl + source) / (2 * xl):.2f} |")
 
 
 def report(rows: list[Row], args, device, dtype) -> None:
