@@ -149,7 +149,7 @@ class DeltaRun:
         call, old_sigma, delta = self.reused
         if not (0 <= step.step - call < every and delta.shape == step.x.shape):
             return None
-        return delta * _per_image(sigma / old_sigma.clamp_min(1e-12), delta) if REUSE_SCALED else delta
+        return delta * _per_image(sigma / old_sigma.clamp_min(1e-12), delta)
 
     def scaled(self, lam: float, delta: torch.Tensor, x0: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         """lambda * delta; `auto` measures lambda in units of the target's CFG update; `cap` bounds the update."""
@@ -192,9 +192,6 @@ class DeltaRun:
         delta = require_finite(latent.delta_to_target(delta, src, self.target_format)).to(x0.dtype)
         self.source_calls += 1
         return delta
-
-
-REUSE_SCALED = True
 
 
 def _norms(v: torch.Tensor) -> torch.Tensor:

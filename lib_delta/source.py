@@ -137,17 +137,19 @@ class CfgSourcePair:
                      batched: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, adapted) CFG'd x0. Batched: one model call with the base rows first and the adaptation on
         the rest; a shared uncond is run once. Equal to two separate calls."""
-        if not (batched and self.can_batch()):
+        def separate() -> tuple[torch.Tensor, torch.Tensor]:
             return (self.denoise(x, sigma, adapted=False, step=step, skip_uncond=skip_uncond),
                     self.denoise(x, sigma, adapted=True, step=step, skip_uncond=skip_uncond))
+
+        if not (batched and self.can_batch()):
+            return separate()
         cond_only = skip_uncond or self.scale == 1.0
         base = self.base.rows(x, sigma, step, uncond=not cond_only)
         shared = self.shares_uncond and not cond_only
         adapted = self.adapted.rows(x, sigma, step, uncond=not (cond_only or shared))
         rows = base.joined(adapted)
         if not rows.batchable:  # prompts of different lengths: the adaptation cannot follow the rows
-            return (self.denoise(x, sigma, adapted=False, step=step, skip_uncond=skip_uncond),
-                    self.denoise(x, sigma, adapted=True, step=step, skip_uncond=skip_uncond))
+            return separate()
         rows_context = self.adapted.rows_context or (lambda _first: contextlib.nullcontext())
         with rows_context(base.count):
             out = rows.run(self.base.model_fn)
