@@ -106,29 +106,29 @@ class DeltaRun:
     def apply(self, denoised: torch.Tensor, uncond: torch.Tensor | None = None) -> torch.Tensor:
         """`denoised`: the target's CFG'd prediction; `uncond`: its uncond prediction where the host has it
         (x0, or eps for timestep samplers), which `auto` strength and `cap` measure against."""
+        return apply_updates([self], denoised, uncond)
+
+    def take_step(self, denoised: torch.Tensor) -> StepInput:
         step, self.pending = self.pending, None
         if step is None or step.x.shape != denoised.shape:
             raise DeltaError("Delta Sampling: the sampler's CFG callbacks did not pair up "
                              "(an unsupported sampler or another extension changed the batch).")
+        return step
+
+    def update(self, step: StepInput, target: TargetStep) -> torch.Tensor | None:
+        """This run's x0-space update lambda(t) * delta at this step, or None where lambda is 0."""
         s = self.settings
         lam = schedules.lambda_at(step.progress, s.strength, s.schedule, s.start, s.end)
         self.last_lambda = lam
         self.history.append(lam)
         if lam == 0.0:
-            return denoised
-        if self.alphas_cumprod is not None:
-            alpha, sigma = timestep_to_sigma(self.alphas_cumprod, step.sigma)
-            a = _per_image(alpha, step.x)
-            x = step.x / a.sqrt()  # k-diffusion state x0 + sigma * eps
-            x0 = (step.x - (1 - a).sqrt() * denoised) / a.sqrt()
-            uncond = None if uncond is None else (step.x - (1 - a).sqrt() * uncond) / a.sqrt()
-        else:
-            sigma, x, x0 = step.sigma, step.x, denoised
+            return None
+        sigma, x, x0 = target.sigma, target.x, target.x0
         delta = self.reusable_delta(step, sigma)
         if delta is None:
             delta = self.delta(x, x0, sigma, step)
             self.reused = (step.step, sigma, delta)
-        update = self.scaled(lam, delta, x0, uncond)
+        update = self.scaled(lam, delta, x0, target.uncond)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("step %d: sigma %.4g, lambda %.4g, mean |delta| %.4g, mean |update| %.4g, mean |x0| %.4g",
                          step.step, float(sigma.max()), lam, float(delta.abs().mean()), float(update.abs().mean()),
@@ -136,9 +136,7 @@ class DeltaRun:
         if self.nmask is not None:
             update = update * self.nmask
         self.applied_steps += 1
-        if self.alphas_cumprod is not None:
-            return denoised - update / _per_image(sigma, update)  # eps' = eps - dx0 / sigma
-        return denoised + update
+        return update
 
     def reusable_delta(self, step: StepInput, sigma: torch.Tensor) -> torch.Tensor | None:
         """The last delta while it is younger than `reuse` model calls (Δ reuse), carried to this sigma as a
@@ -192,6 +190,72 @@ class DeltaRun:
         delta = require_finite(latent.delta_to_target(delta, src, self.target_format)).to(x0.dtype)
         self.source_calls += 1
         return delta
+
+
+@dataclass
+class TargetStep:
+    """The target's prediction at one step in k-diffusion terms: state x, sigma, x0 and its uncond x0."""
+
+    x: torch.Tensor
+    sigma: torch.Tensor
+    x0: torch.Tensor
+    uncond: torch.Tensor | None
+
+    @classmethod
+    def of(cls, step: StepInput, denoised: torch.Tensor, uncond: torch.Tensor | None,
+           alphas_cumprod: torch.Tensor | None) -> TargetStep:
+        if alphas_cumprod is None:
+            return cls(step.x, step.sigma, denoised, uncond)
+        alpha, sigma = timestep_to_sigma(alphas_cumprod, step.sigma)  # eps and timesteps: convert
+        a = _per_image(alpha, step.x)
+        x0 = (step.x - (1 - a).sqrt() * denoised) / a.sqrt()
+        uncond = None if uncond is None else (step.x - (1 - a).sqrt() * uncond) / a.sqrt()
+        return cls(step.x / a.sqrt(), sigma, x0, uncond)  # k-diffusion state x0 + sigma * eps
+
+
+@dataclass
+class DeltaUnits:
+    """Several DS units on one target, D' = D + sum_i lambda_i(t) * delta_i: what the hosts drive (one unit
+    is the plain method, bit for bit). Units whose pairs share a base branch run it once per step."""
+
+    runs: list[DeltaRun]
+
+    @property
+    def target_format(self) -> latent.LatentFormat:
+        return self.runs[0].target_format
+
+    @property
+    def pending(self) -> StepInput | None:
+        return self.runs[0].pending
+
+    def sampler_state(self, nmask: torch.Tensor | None, cfg_multiplier: float) -> None:
+        """The inpainting mask and the sampler's CFG factor (A1111's CFG++), read before each step."""
+        for run in self.runs:
+            run.nmask = nmask
+            run.pair.cfg_multiplier = cfg_multiplier
+
+    def capture(self, step_input: StepInput) -> None:
+        for run in self.runs:
+            run.capture(step_input)
+
+    def apply(self, denoised: torch.Tensor, uncond: torch.Tensor | None = None) -> torch.Tensor:
+        return apply_updates(self.runs, denoised, uncond)
+
+
+def apply_updates(runs: Sequence[DeltaRun], denoised: torch.Tensor, uncond: torch.Tensor | None = None) -> torch.Tensor:
+    """D' = D + sum of every run's lambda_i(t) * delta_i, each measured on the same target prediction."""
+    steps = [run.take_step(denoised) for run in runs]
+    alphas = runs[0].alphas_cumprod
+    target = TargetStep.of(steps[0], denoised, uncond, alphas)
+    updates = [u for run, step in zip(runs, steps, strict=True) if (u := run.update(step, target)) is not None]
+    if not updates:
+        return denoised
+    total = updates[0]
+    for u in updates[1:]:
+        total = total + u
+    if alphas is not None:
+        return denoised - total / _per_image(target.sigma, total)  # eps' = eps - dx0 / sigma
+    return denoised + total
 
 
 def _norms(v: torch.Tensor) -> torch.Tensor:

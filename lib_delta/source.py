@@ -44,6 +44,7 @@ class Branch:
     conds_at: Callable[[int], StepConds]
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     rows_context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None
+    memo: BaseMemo | None = None  # a base branch shared by several units: its outputs of the current step
 
     def rows(self, x: torch.Tensor, sigma: torch.Tensor, step: int, uncond: bool) -> Rows:
         """The model-call rows of this branch: one per sub-prompt of each image, then one uncond per image."""
@@ -107,6 +108,31 @@ class Rows:
 
 
 @dataclass
+class BaseMemo:
+    """The last outputs of a base branch that several DS units share: the first unit to run a step computes
+    them, the others reuse them (N units with one base: N + 1 source passes per step, not 2N)."""
+
+    key: tuple | None = None  # (model call, cond only, CFG scale)
+    x: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
+    cfg: torch.Tensor | None = None  # CFG'd x0
+    uncond: torch.Tensor | None = None  # raw uncond rows, where the base ran them in a batched pair
+    computed: int = 0
+    reused: int = 0
+
+    def recall(self, key: tuple, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
+        if key != self.key or x.shape != self.x.shape or not (torch.equal(x, self.x) and torch.equal(sigma, self.sigma)):
+            return None
+        self.reused += 1
+        return self.cfg
+
+    def store(self, key: tuple, x: torch.Tensor, sigma: torch.Tensor, cfg: torch.Tensor,
+              uncond: torch.Tensor | None) -> None:
+        self.key, self.x, self.sigma, self.cfg, self.uncond = key, x, sigma, cfg, uncond
+        self.computed += 1
+
+
+@dataclass
 class CfgSourcePair:
     """Implements delta.SourcePair with two branches and a source CFG scale."""
 
@@ -136,26 +162,47 @@ class CfgSourcePair:
     def denoise_pair(self, x: torch.Tensor, sigma: torch.Tensor, *, step: int, skip_uncond: bool,
                      batched: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, adapted) CFG'd x0. Batched: one model call with the base rows first and the adaptation on
-        the rest; a shared uncond is run once. Equal to two separate calls."""
-        def separate() -> tuple[torch.Tensor, torch.Tensor]:
-            return (self.denoise(x, sigma, adapted=False, step=step, skip_uncond=skip_uncond),
-                    self.denoise(x, sigma, adapted=True, step=step, skip_uncond=skip_uncond))
-
-        if not (batched and self.can_batch()):
-            return separate()
+        the rest; a shared uncond is run once. Equal to two separate calls. A base shared with other units
+        is taken from its memo when another unit already ran it on this input."""
         cond_only = skip_uncond or self.scale == 1.0
+        memo, key = self.base.memo, (step, cond_only, self.scale)
+        base = None if memo is None else memo.recall(key, x, sigma)
+        if base is not None:
+            return base, self._adapted_after(memo, x, sigma, step, cond_only, skip_uncond)
+        base, adapted, uncond = self._pair(x, sigma, step, cond_only, skip_uncond, batched)
+        if memo is not None:
+            memo.store(key, x, sigma, base, uncond)
+        return base, adapted
+
+    def _pair(self, x: torch.Tensor, sigma: torch.Tensor, step: int, cond_only: bool, skip_uncond: bool,
+              batched: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(base, adapted, the base's raw uncond rows where a batched call ran them)."""
+        if not (batched and self.can_batch()):
+            return (self.denoise(x, sigma, adapted=False, step=step, skip_uncond=skip_uncond),
+                    self.denoise(x, sigma, adapted=True, step=step, skip_uncond=skip_uncond), None)
         base = self.base.rows(x, sigma, step, uncond=not cond_only)
         shared = self.shares_uncond and not cond_only
         adapted = self.adapted.rows(x, sigma, step, uncond=not (cond_only or shared))
         rows = base.joined(adapted)
         if not rows.batchable:  # prompts of different lengths: the adaptation cannot follow the rows
-            return separate()
+            return self._pair(x, sigma, step, cond_only, skip_uncond, batched=False)
         rows_context = self.adapted.rows_context or (lambda _first: contextlib.nullcontext())
         with rows_context(base.count):
             out = rows.run(self.base.model_fn)
         out_base, out_adapted = out[: base.count], out[base.count :]
-        shared_uncond = out_base[-x.shape[0] :] if shared else None
-        return base.combine(out_base, self.scale), adapted.combine(out_adapted, self.scale, shared_uncond)
+        uncond = out_base[-x.shape[0] :] if base.uncond else None
+        return (base.combine(out_base, self.scale),
+                adapted.combine(out_adapted, self.scale, uncond if shared else None), uncond)
+
+    def _adapted_after(self, memo: BaseMemo, x: torch.Tensor, sigma: torch.Tensor, step: int, cond_only: bool,
+                       skip_uncond: bool) -> torch.Tensor:
+        """The adapted side alone, next to a recalled base: reuses its uncond rows where they are shared."""
+        if not (self.shares_uncond and not cond_only and memo.uncond is not None):
+            return self.denoise(x, sigma, adapted=True, step=step, skip_uncond=skip_uncond)
+        rows = self.adapted.rows(x, sigma, step, uncond=False)
+        with self.adapted.context():
+            out = rows.run(self.adapted.model_fn)
+        return rows.combine(out, self.scale, memo.uncond)
 
 
 class ModelCache:

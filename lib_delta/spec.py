@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -11,8 +12,9 @@ from typing import Any
 
 from . import DeltaError
 
-SPEC_VERSION = 1
-INFOTEXT_KEY = "Delta Sampling"  # the compact, versioned value
+SPEC_VERSION = 2  # v2: more LoRAs in the adapted stack, units 2.. (v1 values still read)
+INFOTEXT_KEY = "Delta Sampling"  # the compact, versioned value (unit 1; unit n: "Delta Sampling n")
+UNITS = 3  # DS units in the panel: target += sum of lambda_i * delta_i
 ADAPTER_KINDS = ("lora", "checkpoint", "prompt")
 SCHEDULES = ("constant", "linear", "cosine", "exponential", "sigmoid")
 STRENGTH_MODES = ("fixed", "auto")
@@ -35,6 +37,7 @@ class Field:
     readable: bool = False  # also written as its own infotext key
     tooltip: str = ""
     empty_label: str = ""  # what a dropdown shows for the empty value; submitting it means empty
+    since: int = 1  # the infotext version that introduced it
 
 
 FIELDS: tuple[Field, ...] = (
@@ -85,6 +88,10 @@ FIELDS: tuple[Field, ...] = (
     Field("native_size", "DS native-size source", "ns", bool, False,
           tooltip="custom: run the source at its own trained resolution (e.g. SD1.5 at ~512 px under a "
                   "1024 px SDXL target) and scale the delta up."),
+    Field("loras", "DS more LoRAs", "lx", str, "", since=2,
+          tooltip="More LoRA/LyCORIS files on the adapted side, on top of the adapter (any kind): "
+                  "'name:weight, name:weight' or <lora:name:weight>. With a checkpoint adapter: a fine-tune plus "
+                  "LoRAs in one adapted branch."),
 )
 SPEED_KNOBS = ("batched", "cond_only", "reuse", "native_size")
 PRESETS: dict[str, dict[str, Any]] = {  # what each speed preset sets; README, Performance, has their costs
@@ -118,6 +125,7 @@ class DeltaSettings:
     cond_only: bool = False
     reuse: float = 1.0
     native_size: bool = False
+    loras: str = ""
 
     def knob(self, attr: str) -> Any:
         """A speed knob's effective value: the preset's, or the field's own under speed 'custom'."""
@@ -137,6 +145,18 @@ class DeltaSettings:
     def replace(self, **changes: Any) -> DeltaSettings:
         return dataclasses.replace(self, **{k: coerce(FIELD_BY_ATTR[k], v) for k, v in changes.items()})
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DeltaSettings:
+        """The API's unit form: {attr: value}; a unit given this way is enabled unless it says otherwise."""
+        unknown = sorted(set(values) - set(FIELD_BY_ATTR))
+        if unknown:
+            raise DeltaError(f"Delta Sampling: unknown unit keys {unknown}; the keys are {[f.attr for f in FIELDS]}")
+        return cls(**{"enabled": True, **{k: coerce(FIELD_BY_ATTR[k], v) for k, v in values.items()}})
+
+    def stacked_loras(self) -> tuple[tuple[str, float], ...]:
+        """DS more LoRAs as (name, weight) pairs."""
+        return parse_loras(self.loras)
+
     def with_overrides(self, obj: Any, prefix: str = "ds_") -> DeltaSettings:
         """Apply X/Y/Z-style overrides stored as attributes `ds_<attr>` on `obj` (the WebUI's `p`)."""
         found = {f.attr: getattr(obj, prefix + f.attr) for f in FIELDS if hasattr(obj, prefix + f.attr)}
@@ -154,8 +174,9 @@ class DeltaSettings:
             raise DeltaError(f"Delta Sampling: unknown adapter kind {self.adapter_kind!r}; use one of {ADAPTER_KINDS}.")
         if self.adapter_kind != "prompt" and not self.adapter:
             raise DeltaError(f"Delta Sampling: DS adapter is empty: choose a {self.adapter_kind} adapter file.")
-        if self.adapter_kind == "prompt" and not self.adapted_prompt:
-            raise DeltaError("Delta Sampling: DS adapted prompt is empty: a prompt adapter needs an adapted prompt.")
+        if self.adapter_kind == "prompt" and not (self.adapted_prompt or self.stacked_loras()):
+            raise DeltaError("Delta Sampling: DS adapted prompt is empty: a prompt adapter needs an adapted prompt "
+                             "(or LoRAs in DS more LoRAs).")
         for f in FIELDS:
             if f.choices and getattr(self, f.attr) not in f.choices:
                 raise DeltaError(f"Delta Sampling: {f.label} must be one of {', '.join(f.choices)}, "
@@ -168,48 +189,106 @@ class DeltaSettings:
                 raise DeltaError(f"Delta Sampling: {f.label} must be a finite number, got {value}.")
             if f.kind is float and f.minimum is not None and not f.minimum <= value <= f.maximum:
                 raise DeltaError(f"Delta Sampling: {f.label} = {value} is outside [{f.minimum}, {f.maximum}].")
+        self.stacked_loras()  # raises on a bad weight
         if self.start >= self.end:
             raise DeltaError(f"Delta Sampling: DS start ({self.start}) must be before DS end ({self.end}).")
         return self
 
     # -- infotext ---------------------------------------------------------------------------------
-    def to_infotext(self) -> dict[str, str]:
-        """One compact versioned value ("v1; lam=2.5; ...", defaults left out) plus readable parts."""
+    def to_infotext(self, unit: int = 1, version: int | None = None) -> dict[str, str]:
+        """One compact versioned value ("v1; lam=2.5; ...", defaults left out) plus readable parts (unit 1).
+        The version is the oldest that holds these settings, so older installs still read plain ones."""
         if not self.enabled:
             return {}
-        parts = [f"v{SPEC_VERSION}"]
+        version = version or self.version()
+        parts = [f"v{version}"]
         for f in FIELDS[1:]:
             value = getattr(self, f.attr)
             if value != f.default:
                 parts.append(f"{f.short}={_escape(repr(value) if f.kind is float else str(value))}")
-        entries = {INFOTEXT_KEY: "; ".join(parts)}
-        for f in FIELDS:
+        entries = {unit_key(unit): "; ".join(parts)}
+        for f in FIELDS if unit == 1 else ():
             if f.readable and getattr(self, f.attr) != "":  # A1111 cannot parse an empty value
                 entries[f.label] = format_value(getattr(self, f.attr))
         return entries
 
+    def version(self) -> int:
+        return max([1, *(f.since for f in FIELDS if getattr(self, f.attr) != f.default)])
+
     @classmethod
-    def from_infotext(cls, params: Mapping[str, Any]) -> DeltaSettings:
+    def from_infotext(cls, params: Mapping[str, Any], unit: int = 1) -> DeltaSettings:
         """Parse pasted infotext params. No DS key means DS off. Malformed values raise DeltaError."""
-        raw = params.get(INFOTEXT_KEY)
+        key = unit_key(unit)
+        raw = params.get(key)
         if raw is None:
             return cls()
         version, *parts = str(raw).split(";")
         if not re.fullmatch(r"v\d+", version.strip()):
-            raise DeltaError(f"Malformed '{INFOTEXT_KEY}' infotext value {str(raw)[:80]!r}: it must start with a version.")
-        if version.strip() != f"v{SPEC_VERSION}":
-            raise DeltaError(f"Unsupported '{INFOTEXT_KEY}' version {version.strip()}: the image was made by a "
-                             f"newer Delta Sampling (this one reads v{SPEC_VERSION}). Update the extension; its "
+            raise DeltaError(f"Malformed '{key}' infotext value {str(raw)[:80]!r}: it must start with a version.")
+        if int(version.strip()[1:]) > SPEC_VERSION:
+            raise DeltaError(f"Unsupported '{key}' version {version.strip()}: the image was made by a "
+                             f"newer Delta Sampling (this one reads up to v{SPEC_VERSION}). Update the extension; its "
                              "settings were not applied.")
         by_short = {f.short: f for f in FIELDS}
         values: dict[str, Any] = {}
         for part in parts:
-            key, sep, value = part.strip().partition("=")
-            if not sep or key not in by_short or by_short[key].attr in values:
+            k, sep, value = part.strip().partition("=")
+            if not sep or k not in by_short or by_short[k].attr in values:
                 problem = "unknown or repeated key" if sep else "expected key=value"
-                raise DeltaError(f"Malformed '{INFOTEXT_KEY}' infotext value: {problem} in {part.strip()[:60]!r}")
-            values[by_short[key].attr] = coerce(by_short[key], _unescape(value))
+                raise DeltaError(f"Malformed '{key}' infotext value: {problem} in {part.strip()[:60]!r}")
+            values[by_short[k].attr] = coerce(by_short[k], _unescape(value))
         return cls(enabled=True, **values).validate()
+
+
+def unit_key(unit: int) -> str:
+    return INFOTEXT_KEY if unit == 1 else f"{INFOTEXT_KEY} {unit}"
+
+
+def units_from_args(args: Sequence[Any]) -> list[DeltaSettings]:
+    """Every unit's settings from the script args: the UI's (and the old API's) positional values, unit after
+    unit in FIELDS order, or the API's unit form, one {attr: value} dict per unit (the rest is ignored)."""
+    if args and isinstance(args[0], Mapping):
+        units = [DeltaSettings.from_dict(a) for a in itertools.takewhile(lambda a: isinstance(a, Mapping), args)]
+        if len(units) > UNITS:
+            raise DeltaError(f"Delta Sampling takes at most {UNITS} units, got {len(units)}")
+        return units
+    n = len(FIELDS)
+    if len(args) > n * UNITS:
+        raise DeltaError(f"Delta Sampling takes {n} args per unit, {n * UNITS} in all; got {len(args)}")
+    return [DeltaSettings.from_args(args[i : i + n]) for i in range(0, max(len(args), 1), n)]
+
+
+def units_infotext(units: Sequence[DeltaSettings]) -> dict[str, str]:
+    """Infotext of every enabled unit, numbered by position; unit 1's version says whether more follow."""
+    entries: dict[str, str] = {}
+    several = any(u.enabled for u in units[1:])  # an older install must not read unit 1 alone
+    for i, settings in enumerate(units, 1):
+        entries |= settings.to_infotext(i, SPEC_VERSION if several else None)
+    return entries
+
+
+LORA_TOKEN = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?[^>]*>")
+
+
+def parse_loras(text: str) -> tuple[tuple[str, float], ...]:
+    """'name:weight, name' or A1111's '<lora:name:weight>' tokens (weight 1 when left out)."""
+    text = text.strip()
+    items = LORA_TOKEN.findall(text) if "<lora:" in text else [
+        tuple(part.strip().rsplit(":", 1)) if ":" in part else (part.strip(), "") for part in text.split(",")]
+    out = []
+    for name, weight in items:
+        name = name.strip()
+        if not name:
+            continue
+        try:
+            value = float(weight) if str(weight).strip() else 1.0
+        except ValueError:
+            raise DeltaError(f"Delta Sampling: DS more LoRAs: bad weight {weight!r} for {name!r}; write "
+                             "'name:weight, name:weight'.") from None
+        if not math.isfinite(value):
+            raise DeltaError(f"Delta Sampling: DS more LoRAs: the weight of {name!r} must be a finite number.")
+        out.append((name, value))
+    return tuple(out)
 
 
 ESCAPES = (("%", "%25"), (";", "%3B"), ("=", "%3D"), ("\n", "%0A"))
