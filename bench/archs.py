@@ -57,9 +57,18 @@ class Model:
         return cond
 
 
-def build(name: str, seed: int, device: torch.device, dtype: torch.dtype, calls: list) -> Model:
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**CONFIGS[name]).to(device, dtype).eval().requires_grad_(False)
+def build(name: str, seed: int, device: torch.device, dtype: torch.dtype, calls: list,
+          weights: dict[str, torch.Tensor] | None = None) -> Model:
+    """Random weights from seed, or the given state dict (built on the meta device, then assigned: how a
+    WebUI loads a checkpoint, without a random init first)."""
+    if weights is None:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**CONFIGS[name]).to(device, dtype)
+    else:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**CONFIGS[name])
+        unet.load_state_dict({k: v.to(device, dtype) for k, v in weights.items()}, assign=True)
+    unet = unet.eval().requires_grad_(False)
     added = unet.config.addition_embed_type == "text_time"
 
     def eps(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:

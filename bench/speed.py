@@ -3,7 +3,8 @@
     python bench/speed.py            # CPU: real SD1.5 / SDXL UNets with random weights, small latents
     python bench/speed.py --gpu      # CUDA, fp16, real sizes (SD1.5 at 512 px, SDXL at 1024 px)
 
-Rows: plain, DS exact (separate passes, then batched), each fast knob, the presets, and SD1.5 -> SDXL with and
+Rows: plain, DS exact (separate passes, then batched), a first run that loads the pair from safetensors files
+and a second that finds it in the source cache, each fast knob, the presets, and SD1.5 -> SDXL with and
 without a native-size source. Timing: one warm-up, then the median of interleaved repeats. The FLOP floor
 of a row is the FLOPs it executes (torch's flop counter, per model call and latent size) over plain's: a
 row that runs at plain's efficiency has time ratio = floor. The error column is read from the trained toy
@@ -18,11 +19,13 @@ import dataclasses
 import json
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,7 +36,7 @@ from lib_delta import latent  # noqa: E402
 from lib_delta.delta import DeltaRun, StepInput  # noqa: E402
 from lib_delta.lora import LoraAdapter  # noqa: E402
 from lib_delta.schedules import progress_from_calls  # noqa: E402
-from lib_delta.source import Branch, CfgSourcePair  # noqa: E402
+from lib_delta.source import Branch, CfgSourcePair, ModelCache  # noqa: E402
 from lib_delta.spec import DeltaSettings  # noqa: E402
 
 CFG = 6.0
@@ -47,6 +50,7 @@ class Row:
     settings: DeltaSettings | None  # None: plain
     plain: str  # label of this group's plain row
     toy: str = ""  # the toy's name for this mode (error column)
+    load: str = ""  # "": the prebuilt pair; "cold": load it from files each run; "cached": from the source cache
     times: list[float] = dataclasses.field(default_factory=list)
     flops: float = 0.0
     peak: float = 0.0
@@ -67,6 +71,32 @@ def pair_for(source: Model, adapter: LoraAdapter, fmt: latent.LatentFormat, batc
     base = Branch(source.model_fn, lambda step: (conds_list, c, u))
     adapted = Branch(source.model_fn, lambda step: (conds_list, c, u), adapter.enabled, adapter.rows)
     return CfgSourcePair(fmt, base, adapted, CFG)
+
+
+class SourceFiles:
+    """The source base and its LoRA as safetensors files, loaded through the core's ModelCache as the hosts
+    do: a cold run reads and builds both, a second run with the same pair finds them cached."""
+
+    def __init__(self, source: Model, lora: dict[str, torch.Tensor], fmt: latent.LatentFormat, batch: int,
+                 calls: list, folder: Path) -> None:
+        self.unet_file, self.lora_file = folder / "source.safetensors", folder / "lora.safetensors"
+        save_file({k: v.contiguous() for k, v in source.unet.state_dict().items()}, self.unet_file)
+        save_file(lora, self.lora_file)
+        self.device, self.dtype = source.unet.device, source.unet.dtype
+        self.fmt, self.batch, self.calls = fmt, batch, calls
+        self.cache = ModelCache(1)
+
+    def load(self) -> CfgSourcePair:
+        model = build("SD1.5", 0, self.device, self.dtype, self.calls, weights=load_file(self.unet_file))
+        holder = torch.nn.Module()
+        holder.diffusion_model = model.unet
+        adapter = LoraAdapter.from_state_dict(load_file(self.lora_file), holder, 1.0)
+        return pair_for(model, adapter, self.fmt, self.batch)
+
+    def pair(self, cold: bool) -> CfgSourcePair:
+        if cold:
+            self.cache.clear()
+        return self.cache.get(str(self.unet_file), self.load)
 
 
 def sample(row: Row, pair: CfgSourcePair | None, fmt: latent.LatentFormat, size: int, steps: int,
@@ -153,7 +183,8 @@ def main() -> None:
     sd15_target, sd15_source = build("SD1.5", 1, device, dtype, calls), build("SD1.5", 2, device, dtype, calls)
     holder = torch.nn.Module()
     holder.diffusion_model = sd15_source.unet
-    adapter = LoraAdapter.from_state_dict(lora_state_dict(sd15_source.unet, 16, 3), holder, 1.0)
+    lora = lora_state_dict(sd15_source.unet, 16, 3)
+    adapter = LoraAdapter.from_state_dict(lora, holder, 1.0)
     # the source's native size in latent cells: SD1.5's 512 px, scaled like the target on CPU
     source_fmt = dataclasses.replace(latent.SD1, native_side=8 * xl_size // 2)
     pair = pair_for(sd15_source, adapter, source_fmt, args.batch)
@@ -161,6 +192,8 @@ def main() -> None:
         Row("plain SD1.5", sd15_target, None, "plain SD1.5"),
         Row("DS exact, separate passes", sd15_target, custom(batched=False), "plain SD1.5", "custom: batched=False"),
         Row("DS exact (batched pair)", sd15_target, ds(), "plain SD1.5", "exact"),
+        Row("DS exact, first run (loads the pair)", sd15_target, ds(), "plain SD1.5", "exact", load="cold"),
+        Row("DS exact, second run (cached pair)", sd15_target, ds(), "plain SD1.5", "exact", load="cached"),
         Row("cond-only delta", sd15_target, custom(cond_only=True), "plain SD1.5", "custom: cond_only=True"),
         Row("delta every 2 calls", sd15_target, custom(reuse=2.0), "plain SD1.5", "custom: reuse=2"),
         Row("preset balanced", sd15_target, ds(speed="balanced"), "plain SD1.5", "balanced"),
@@ -181,6 +214,9 @@ def main() -> None:
           f"SD1.5 latent {size}², SDXL latent {xl_size}², source native {source_fmt.native_side // 8}², "
           f"{args.steps} Euler steps, batch {args.batch}", flush=True)
 
+    folder = tempfile.TemporaryDirectory(prefix="ds-bench-")
+    files = SourceFiles(sd15_source, lora, source_fmt, args.batch,
+                        calls, Path(folder.name)) if any(r.load for r in rows) else None
     flop_cache: dict = {}
     for i in range(args.repeats + 1):  # the first pass warms up and counts FLOPs and memory
         for row in rows:
@@ -188,7 +224,8 @@ def main() -> None:
             calls.clear()
             with PeakMemory(device) as mem:
                 start = time.perf_counter()
-                sample(row, pair if row.settings else None, fmt, side, args.steps, args.batch, device)
+                row_pair = files.pair(cold=row.load == "cold") if row.load else pair
+                sample(row, row_pair if row.settings else None, fmt, side, args.steps, args.batch, device)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
@@ -198,6 +235,7 @@ def main() -> None:
             else:
                 row.times.append(elapsed / args.steps)
         print(f"pass {i + 1}/{args.repeats + 1} done", flush=True)
+    folder.cleanup()
     report(rows, args, device, dtype)
 
 

@@ -12,7 +12,7 @@ import torch
 from modules import shared
 
 from lib_delta import DeltaError, schedules
-from lib_delta.delta import DeltaRun, StepInput
+from lib_delta.delta import StepInput
 from lib_delta.spec import DeltaSettings
 
 from . import a1111_models as models
@@ -23,14 +23,13 @@ from .generation import (
     Prepared,
     abort,
     as_delta_error,
-    build_pair,
     fail,
     prepare,
     skips_uncond,
 )
 
 
-def start(p: Any, settings: DeltaSettings) -> None:
+def start(p: Any, settings: list[DeltaSettings]) -> None:
     """Script.process."""
     prepare(p, settings, models)
 
@@ -42,8 +41,8 @@ def begin_pass(p: Any) -> None:
         return
     try:
         state.target = shared.sd_model
-        state.run = DeltaRun(state.settings, build_pair(p, state), models.target_format(shared.sd_model),
-                             generation.model_title(shared.sd_model), alphas_cumprod=_timestep_alphas(p))
+        state.run = generation.build_runs(p, state, models.target_format(shared.sd_model),
+                                          generation.model_title(shared.sd_model), alphas_cumprod=_timestep_alphas(p))
     except Exception as e:
         fail(state, as_delta_error(e))
 
@@ -78,8 +77,8 @@ def on_cfg_denoiser(params: Any) -> None:
         batch = params.text_uncond.shape[0]
         x, sigma = params.x[-batch:], params.sigma[-batch:]
         progress = schedules.progress_from_calls(denoiser.step, denoiser.total_steps or 1)
-        state.run.nmask = denoiser.nmask if denoiser.mask is not None else None
-        state.run.pair.cfg_multiplier = float(getattr(denoiser, "cond_scale_miltiplier", 1.0))  # CFG++
+        state.run.sampler_state(denoiser.nmask if denoiser.mask is not None else None,
+                                float(getattr(denoiser, "cond_scale_miltiplier", 1.0)))  # CFG++
         state.run.capture(StepInput(x, sigma, denoiser.step, progress, skips_uncond(denoiser, sigma)))
         ACTIVE.append(state)
     except Exception as e:

@@ -21,7 +21,7 @@ from lib_delta import DeltaError, latent, logger
 from lib_delta.lora import LoraAdapter
 
 from .files import find_checkpoint, read_weights, split_title  # noqa: F401 - re-exported
-from .generation import encode_prompts, loading_source, trim_heap
+from .generation import encode_prompts, keep_only, loading_source, lora_key, trim_heap
 from .memory import MemoryPolicy
 
 
@@ -85,14 +85,18 @@ class SourceModel:
         finally:
             encoder.to(devices.cpu)
 
-    def lora(self, filename: str, multiplier: float) -> LoraAdapter:
-        key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
-        if key not in self.adapters:
-            self.adapters.clear()
-            adapter = LoraAdapter.from_state_dict(read_weights(filename, "LoRA"), self.model, multiplier)
-            logger.info("LoRA %s on %s: %d keys matched", os.path.basename(filename), self.title, adapter.report.matched)
-            self.adapters[key] = adapter
-        return self.adapters[key]
+    def loras_for(self, stacks: list[tuple[tuple[str, float], ...]]) -> list[LoraAdapter]:
+        """One adapter per stack of (file, multiplier), each LoRA on this source; keeps only these."""
+        def load(stack: tuple[tuple[str, float], ...]) -> LoraAdapter:
+            parts = []
+            for filename, multiplier in stack:
+                adapter = LoraAdapter.from_state_dict(read_weights(filename, "LoRA"), self.model, multiplier)
+                logger.info("LoRA %s on %s: %d keys matched", os.path.basename(filename), self.title,
+                            adapter.report.matched)
+                parts.append(adapter)
+            return LoraAdapter.stack(parts)
+
+        return keep_only(self.adapters, [lora_key(stack) for stack in stacks], stacks, load)
 
     def to_device(self) -> None:
         """Ready to run (policy: memory.MemoryPolicy): the UNet on the device, text encoders on the CPU;

@@ -16,7 +16,7 @@ import torch
 from modules import shared
 
 from lib_delta import DeltaError, schedules
-from lib_delta.delta import DeltaRun, StepInput
+from lib_delta.delta import StepInput
 from lib_delta.spec import DeltaSettings
 
 from . import FORGE, HOST, generation
@@ -24,9 +24,9 @@ from .generation import (
     PATCHED_UNETS,
     STATE_ATTR,
     Prepared,
+    Unit,
     abort,
     as_delta_error,
-    build_pair,
     fail,
     prepare,
 )
@@ -45,7 +45,7 @@ class StepCount:
     progress: float
 
 
-def start(p: Any, settings: DeltaSettings) -> None:
+def start(p: Any, settings: list[DeltaSettings]) -> None:
     """Script.process."""
     prepare(p, settings, models)
 
@@ -58,14 +58,13 @@ def begin_pass(p: Any) -> None:
     try:
         target = p.sd_model
         state.target = target
-        state.run = DeltaRun(state.settings, build_pair(p, state), models.target_format(target),
-                             target_title=generation.model_title(target))
+        state.run = generation.build_runs(p, state, models.target_format(target), generation.model_title(target))
         objects = target.forge_objects
         original = objects.unet
         patched = original.clone()
         _strip(patched)
         patched.set_model_sampler_post_cfg_function(_post_cfg(state, _configured_cfg(p)))
-        for patcher in _source_patchers(state):
+        for patcher in _source_patchers(*state.units):
             setattr(patcher, DS_TAG, True)
             patched.add_extra_model_patcher_during_sampling(patcher)
         if hasattr(patched, "extra_preserved_memory_during_sampling"):  # the host loads and reserves together
@@ -79,17 +78,20 @@ def begin_pass(p: Any) -> None:
 
 
 def _activation_reserve(p: Any, state: Prepared) -> int:
-    """What one source model call needs while it runs: the source UNet's own estimate for its largest batch
-    (Forge's LoRA cannot follow batch rows, so only a prompt adapter's pair is batched here)."""
-    batched = state.settings.knob("batched") and state.settings.adapter_kind == "prompt"
-    shape = activation_shape(p, state.settings, state.source.latent_format, batched)
-    return max((int(patcher.memory_required(shape)) for patcher in _source_patchers(state)
-                if hasattr(patcher, "memory_required")), default=0)
+    """What one source model call needs while it runs: the source UNet's own estimate for the largest batch
+    of any unit (Forge's LoRA cannot follow batch rows, so only a prompt adapter's pair is batched here)."""
+    reserve = 0
+    for unit in state.units:
+        batched = unit.settings.knob("batched") and unit.lora is None and unit.adapted is None
+        shape = activation_shape(p, unit.settings, unit.source.latent_format, batched)
+        reserve = max([reserve, *(int(patcher.memory_required(shape)) for patcher in _source_patchers(unit)
+                                  if hasattr(patcher, "memory_required"))])
+    return reserve
 
 
-def _source_patchers(state: Prepared) -> list[Any]:
-    sources = [state.source] + ([state.adapted] if state.adapted is not None else [])
-    return [patcher for source in sources for patcher in source.patchers()]
+def _source_patchers(*units: Unit) -> list[Any]:
+    sources = {id(m): m for unit in units for m in (unit.source, unit.adapted) if m is not None}
+    return [patcher for source in sources.values() for patcher in source.patchers()]
 
 
 def _strip(unet: Any) -> None:

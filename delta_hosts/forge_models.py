@@ -39,7 +39,7 @@ from lib_delta.lora import check_host_patches
 
 from . import files
 from .a1111_models import flag_format
-from .generation import encode_prompts, forget_modules, loading_source, trim_heap
+from .generation import encode_prompts, forget_modules, keep_only, loading_source, lora_key, trim_heap
 
 KNOWN_LATENTS = {"SD15": latent.SD1, "SDXL": latent.SDXL, "SD3": latent.SD3, "Flux": latent.FLUX,
                  "Flux2": latent.FLUX2, "Wan21": latent.WAN21}  # huggingface_guess latent classes
@@ -202,12 +202,9 @@ class SourceModel:
             forget_modules(memory_management.current_loaded_models,
                            [self.engine.forge_objects.clip.cond_stage_model], lambda entry: entry.model_unload())
 
-    def lora(self, filename: str, multiplier: float) -> Any:
-        key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
-        if key not in self.loras:
-            self.loras.clear()
-            self.loras[key] = _load_lora(self, filename, multiplier)
-        return self.loras[key]
+    def loras_for(self, stacks: list[tuple[tuple[str, float], ...]]) -> list[Any]:
+        """One pair of LoRA clones per stack of (file, multiplier); keeps only these."""
+        return keep_only(self.loras, [lora_key(stack) for stack in stacks], stacks, lambda st: _load_lora(self, st))
 
     def offload(self) -> None:
         """Leave the GPU, stay in RAM: the host's own unload moves the weights to its offload device."""
@@ -219,22 +216,24 @@ class SourceModel:
         release(self)
 
 
-def _load_lora(source: SourceModel, filename: str, multiplier: float) -> Any:
-    weights = files.read_weights(filename, "LoRA")
+def _load_lora(source: SourceModel, stack: tuple[tuple[str, float], ...]) -> Any:
+    """Clones of the source's UNet and CLIP patchers carrying every LoRA of the stack as online patches."""
     clip = source.engine.forge_objects.clip
-    unet_patches, rest = load_lora(weights, model_lora_keys_unet(source.unet.model, {}))
-    clip_patches, rest = load_lora(rest, model_lora_keys_clip(clip.cond_stage_model, {}))
-    name = os.path.basename(filename)
-    check_host_patches(name, source.title, len(weights), rest, [
-        (unet_patches, source.unet.model.state_dict()), (clip_patches, clip.cond_stage_model.state_dict())])
     unet, lora_clip = source.unet.clone(), clip.clone()
-    loaded = [*unet.add_patches(filename=filename, patches=unet_patches, strength_patch=multiplier,
-                                online_mode=True),
-              *lora_clip.add_patches(filename=filename, patches=clip_patches, strength_patch=multiplier,
-                                     online_mode=True)]  # Forge returns a set, Neo a list
-    if rest:
-        logger.warning("LoRA %s: %d keys did not match the source %s", name, len(rest), source.title)
-    logger.info("LoRA %s on %s: %d patches (online)", name, source.title, len(loaded))
+    for filename, multiplier in stack:
+        weights = files.read_weights(filename, "LoRA")
+        unet_patches, rest = load_lora(weights, model_lora_keys_unet(source.unet.model, {}))
+        clip_patches, rest = load_lora(rest, model_lora_keys_clip(clip.cond_stage_model, {}))
+        name = os.path.basename(filename)
+        check_host_patches(name, source.title, len(weights), rest, [
+            (unet_patches, source.unet.model.state_dict()), (clip_patches, clip.cond_stage_model.state_dict())])
+        loaded = [*unet.add_patches(filename=filename, patches=unet_patches, strength_patch=multiplier,
+                                    online_mode=True),
+                  *lora_clip.add_patches(filename=filename, patches=clip_patches, strength_patch=multiplier,
+                                         online_mode=True)]  # Forge returns a set, Neo a list
+        if rest:
+            logger.warning("LoRA %s: %d keys did not match the source %s", name, len(rest), source.title)
+        logger.info("LoRA %s on %s: %d patches (online)", name, source.title, len(loaded))
     if hasattr(unet, "refresh_loras"):
         return ForgeLora(source, unet, lora_clip)
     from .neo_lora import NeoLora  # ComfyUI-style patcher: per-layer weight functions

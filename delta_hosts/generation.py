@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import inspect
 import math
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,9 +24,16 @@ import torch
 from modules import prompt_parser, shared
 
 from lib_delta import DeltaError, logger
-from lib_delta.delta import DeltaRun
-from lib_delta.source import Branch, CfgSourcePair, ModelCache
-from lib_delta.spec import FIELDS, INFOTEXT_KEY, DeltaSettings, malformed_source
+from lib_delta.delta import DeltaRun, DeltaUnits
+from lib_delta.source import BaseMemo, Branch, CfgSourcePair, ModelCache
+from lib_delta.spec import (
+    FIELDS,
+    INFOTEXT_KEY,
+    DeltaSettings,
+    malformed_source,
+    units_from_args,
+    units_infotext,
+)
 
 from . import files
 from .memory import pass_size
@@ -36,59 +45,124 @@ PATCHED_UNETS: weakref.WeakSet = weakref.WeakSet()  # Forge: target UNet clones 
 
 
 @dataclass
-class Prepared:
+class Unit:
+    """One enabled DS unit of the generation and what it loaded."""
+
     settings: DeltaSettings
+    number: int  # its place in the panel (1-based): infotext key and X/Y/Z prefix
     source: Any = None
     adapted: Any = None  # checkpoint adapter
-    lora: Any = None
-    run: DeltaRun | None = None
+    lora: Any = None  # the LoRA stack on the adapted side, where there is one
+
+    @property
+    def lora_files(self) -> tuple[tuple[str, float], ...]:
+        """(name, weight) of every LoRA on the adapted side: the adapter (lora kind), then DS more LoRAs."""
+        s = self.settings
+        first = ((s.adapter, s.adapter_weight),) if s.adapter_kind == "lora" else ()
+        return first + s.stacked_loras()
+
+
+@dataclass
+class Prepared:
+    units: list[Unit]
+    run: DeltaUnits | None = None
     target: Any = None  # the active model object when the pass began
     error: DeltaError | None = None
     host: dict[str, Any] = field(default_factory=dict)  # what one host adapter keeps per generation
 
 
-def settings_for(p: Any, args: tuple) -> DeltaSettings:
-    """The generation's settings from the script args (UI or API) and X/Y/Z overrides on `p`. A value that
-    is not valid for its field never falls back to a default: the generation fails with the message (the
+def settings_for(p: Any, args: tuple) -> list[DeltaSettings]:
+    """Every unit's settings from the script args (UI or API) and X/Y/Z overrides on `p`. A value that is
+    not valid for its field never falls back to a default: the generation fails with the message (the
     hosts swallow exceptions raised in Script.process, which would give an image without DS)."""
     try:
-        return DeltaSettings.from_args(args).with_overrides(p)
+        return [u.with_overrides(p, override_prefix(n)) for n, u in enumerate(units_from_args(args), 1)]
     except DeltaError as e:
-        return DeltaSettings(enabled=True, source=malformed_source(str(e)))
+        return [DeltaSettings(enabled=True, source=malformed_source(str(e)))]
 
 
-def prepare(p: Any, settings: DeltaSettings, models: ModuleType | None, unsupported: str | None = None) -> None:
+def override_prefix(unit: int) -> str:
+    """X/Y/Z axes write `p.ds_<attr>` for unit 1 and `p.ds<n>_<attr>` for unit n."""
+    return "ds_" if unit == 1 else f"ds{unit}_"
+
+
+def prepare(p: Any, units: list[DeltaSettings], models: ModuleType | None, unsupported: str | None = None) -> None:
     """Script.process: validate, load (cached) models, write infotext. Errors stop the generation."""
-    for key in INFOTEXT_KEYS:
+    for key in [k for k in p.extra_generation_params if k in INFOTEXT_KEYS or k.startswith(INFOTEXT_KEY + " ")]:
         p.extra_generation_params.pop(key, None)
     setattr(p, STATE_ATTR, None)
-    if not settings.enabled:
+    enabled = [Unit(s, n) for n, s in enumerate(units, 1) if s.enabled]
+    if not enabled:
         rest_sources()
         return
-    state = Prepared(settings)
+    state = Prepared(enabled)
     setattr(p, STATE_ATTR, state)
     try:
         if unsupported or models is None:
             raise DeltaError(unsupported or "Delta Sampling does not support this WebUI.")
-        settings.validate()
-        needed = 2 if settings.adapter_kind == "checkpoint" else 1  # never evict this generation's models
-        CACHE.capacity = max(int(shared.opts.data.get("delta_sampling_cache_size", 1)), needed)
-        info = files.hashed(files.find_checkpoint(settings.source))
-        state.source = models.cached_source(CACHE, info)
-        if settings.adapter_kind == "checkpoint":
-            ainfo = files.hashed(files.find_checkpoint(settings.adapter))
-            state.adapted = models.cached_source(CACHE, ainfo, "adapter checkpoint")
-            if state.adapted.latent_format != state.source.latent_format:
-                raise DeltaError("Delta Sampling: the adapter checkpoint is not the same architecture as the source.")
-            settings = settings.replace(adapter=ainfo.title)
-        elif settings.adapter_kind == "lora":
-            filename, title = files.find_lora(settings.adapter)
-            state.lora = state.source.lora(filename, settings.adapter_weight)
-            settings = settings.replace(adapter=title)
-        settings = settings.replace(source=info.title)
-        p.extra_generation_params.update(settings.to_infotext())
+        for unit in enabled:
+            try:
+                unit.settings.validate()
+            except DeltaError as e:
+                raise DeltaError(f"{e} (DS unit {unit.number})" if unit.number > 1 else str(e)) from e
+        checkpoints = {s.source for s in units if s.enabled} | {s.adapter for s in units
+                                                                if s.enabled and s.adapter_kind == "checkpoint"}
+        CACHE.capacity = max(int(shared.opts.data.get("delta_sampling_cache_size", 1)), len(checkpoints))
+        for unit in enabled:  # never evicts a model of this generation: the capacity covers them all
+            load_unit(unit, models)
+        attach_loras(enabled)
+        titled = {u.number: u.settings for u in enabled}
+        p.extra_generation_params.update(units_infotext([titled.get(n, s) for n, s in enumerate(units, 1)]))
     except Exception as e:
         fail(state, as_delta_error(e))
+
+
+def load_unit(unit: Unit, models: ModuleType) -> None:
+    """The unit's source (and adapter checkpoint) from the cache; its settings then name the files' titles."""
+    s = unit.settings
+    info = files.hashed(files.find_checkpoint(s.source))
+    unit.source = models.cached_source(CACHE, info)
+    if s.adapter_kind == "checkpoint":
+        ainfo = files.hashed(files.find_checkpoint(s.adapter))
+        unit.adapted = models.cached_source(CACHE, ainfo, "adapter checkpoint")
+        if unit.adapted.latent_format != unit.source.latent_format:
+            raise DeltaError("Delta Sampling: the adapter checkpoint is not the same architecture as the source.")
+        s = s.replace(adapter=ainfo.title)
+    elif s.adapter_kind == "lora":
+        s = s.replace(adapter=files.find_lora(s.adapter)[1])
+    if s.loras:
+        s = s.replace(loras=", ".join(f"{files.find_lora(name)[1]}:{weight:g}" for name, weight in s.stacked_loras()))
+    unit.settings = s.replace(source=info.title)
+
+
+def lora_key(stack: tuple[tuple[str, float], ...]) -> tuple:
+    """A LoRA stack's cache key: each file with its modification time (an edited file reloads) and weight."""
+    return tuple((f, os.path.getmtime(f) if os.path.exists(f) else 0.0, w) for f, w in stack)
+
+
+def keep_only(cache: dict, keys: list[tuple], stacks: list[Any], load: Callable[[Any], Any],
+              drop: Callable[[Any], None] = lambda _: None) -> list[Any]:
+    """A source's LoRA stacks: exactly those this generation uses, loaded on a miss; the others dropped."""
+    for key in [k for k in cache if k not in keys]:
+        drop(cache.pop(key))
+    for key, stack in zip(keys, stacks, strict=True):
+        if key not in cache:
+            cache[key] = load(stack)
+    return [cache[key] for key in keys]
+
+
+def attach_loras(units: list[Unit]) -> None:
+    """Each unit's LoRA stack on its adapted model (the source, or the adapter checkpoint). A model keeps the
+    stacks this generation uses and drops any other (one model may carry one stack per unit)."""
+    by_model: dict[int, tuple[Any, list[Unit]]] = {}
+    for unit in units:
+        if unit.lora_files:
+            model = unit.adapted or unit.source
+            by_model.setdefault(id(model), (model, []))[1].append(unit)
+    for model, users in by_model.values():
+        stacks = [tuple((files.find_lora(name)[0], weight) for name, weight in u.lora_files) for u in users]
+        for unit, lora in zip(users, model.loras_for(stacks), strict=True):
+            unit.lora = lora
 
 
 def as_delta_error(e: BaseException) -> DeltaError:
@@ -124,9 +198,17 @@ def abort(state: Prepared, error: DeltaError) -> None:
         host_state.interrupted = True
 
 
-def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
-    """This pass's source pair: prompts (hires-aware), encoded with the source's own text encoder."""
-    s, src = state.settings, state.source
+def build_runs(p: Any, state: Prepared, target_format: Any, target_title: str, **kw: Any) -> DeltaUnits:
+    """This pass's units: each one's pair on the active target; units with the same base share it."""
+    bases: dict[tuple, Branch] = {}
+    return DeltaUnits([DeltaRun(u.settings, build_pair(p, u, bases if len(state.units) > 1 else None),
+                                target_format, target_title, **kw) for u in state.units])
+
+
+def build_pair(p: Any, unit: Unit, bases: dict[tuple, Branch] | None = None) -> CfgSourcePair:
+    """This pass's source pair: prompts (hires-aware), encoded with the source's own text encoder. `bases`:
+    base branches already built for other units, by model, prompts and CFG (shared, run once per step)."""
+    s, src = unit.settings, unit.source
     hr = bool(getattr(p, "is_hr_pass", False))
     prompts = list(p.hr_prompts if hr else p.prompts)
     negatives = list(p.hr_negative_prompts if hr else p.negative_prompts)
@@ -135,6 +217,8 @@ def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
     negatives = per_image(s.negative_prompt, negatives)
     steps, hires_steps = _steps(p, hr)
     width, height = pass_size(p)
+    cfg = getattr(p, "hr_cfg", None) if hr else None  # Forge's hires CFG
+    cfg_scale = s.source_cfg or float(cfg or p.cfg_scale)
 
     def branch(model: Any, texts: list[str], context: Callable = contextlib.nullcontext,
                encoding: Callable | None = None, rows_context: Callable | None = None) -> Branch:
@@ -142,17 +226,21 @@ def build_pair(p: Any, state: Prepared) -> CfgSourcePair:
             c, uc = model.encode(texts, negatives, steps, hires_steps, width, height)
         return Branch(model.model_fn, _conds_at(c, uc), context, rows_context)
 
-    base = branch(src, base_prompts)
-    if s.adapter_kind == "checkpoint":
-        adapted = branch(state.adapted, adapted_prompts)
-    elif s.adapter_kind == "lora":  # a LoRA may switch its text encoder part separately
-        adapted = branch(src, adapted_prompts, state.lora.enabled, getattr(state.lora, "encoding", None),
-                         getattr(state.lora, "rows", None))  # where the host's LoRA can follow batch rows
+    key = (id(src), tuple(base_prompts), tuple(negatives), cfg_scale)
+    if bases is None:
+        base = branch(src, base_prompts)
+    elif key not in bases:
+        base = bases[key] = dataclasses.replace(branch(src, base_prompts), memo=BaseMemo())
     else:
-        adapted = branch(src, adapted_prompts)
-    cfg = getattr(p, "hr_cfg", None) if hr else None  # Forge's hires CFG
-    return CfgSourcePair(src.latent_format, base, adapted, s.source_cfg or float(cfg or p.cfg_scale),
-                         getattr(src, "sigma_max", math.inf), src.title, shares_uncond=s.adapter_kind == "prompt")
+        base = bases[key]
+    model, lora = unit.adapted or src, unit.lora
+    if lora is not None:  # a LoRA may switch its text encoder part separately
+        adapted = branch(model, adapted_prompts, lora.enabled, getattr(lora, "encoding", None),
+                         getattr(lora, "rows", None))  # where the host's LoRA can follow batch rows
+    else:
+        adapted = branch(model, adapted_prompts)
+    return CfgSourcePair(src.latent_format, base, adapted, cfg_scale, getattr(src, "sigma_max", math.inf),
+                         src.title, shares_uncond=s.adapter_kind == "prompt" and lora is None)
 
 
 PROMPT_PLACEHOLDER = "{prompt}"

@@ -28,7 +28,7 @@ from lib_delta import DeltaError, latent, logger
 from lib_delta.lora import check_host_patches
 
 from . import a1111_models, files
-from .generation import encode_prompts, forget_modules, loading_source, trim_heap
+from .generation import encode_prompts, forget_modules, keep_only, loading_source, lora_key, trim_heap
 
 
 def target_format(model: Any) -> latent.LatentFormat:
@@ -100,14 +100,10 @@ class SourceModel:
             forget_modules(model_management.current_loaded_models, [self.active.clip.cond_stage_model],
                            lambda entry: entry.model_unload())
 
-    def lora(self, filename: str, multiplier: float) -> TwoEngineLora:
-        key = (filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0, multiplier)
-        if key not in self.loras:
-            for old in self.loras.values():
-                _drop(old.engine)
-            self.loras.clear()
-            self.loras[key] = _load_lora(self, filename, multiplier)
-        return self.loras[key]
+    def loras_for(self, stacks: list[tuple[tuple[str, float], ...]]) -> list[TwoEngineLora]:
+        """One merged copy of the source per stack of (file, multiplier); keeps only these."""
+        return keep_only(self.loras, [lora_key(stack) for stack in stacks], stacks,
+                         lambda stack: _load_lora(self, stack), lambda old: _drop(old.engine))
 
     def offload(self) -> None:
         """Leave the GPU, stay in RAM: out of the fork's loaded list, moved by its own unload."""
@@ -125,19 +121,21 @@ class SourceModel:
         trim_heap()
 
 
-def _load_lora(source: SourceModel, filename: str, multiplier: float) -> TwoEngineLora:
-    weights = files.read_weights(filename, "LoRA")
-    name = os.path.basename(filename)
-    _check_lora(source, name, weights)
+def _load_lora(source: SourceModel, stack: tuple[tuple[str, float], ...]) -> TwoEngineLora:
+    loaded = [(filename, multiplier, files.read_weights(filename, "LoRA")) for filename, multiplier in stack]
+    for filename, _, weights in loaded:
+        _check_lora(source, os.path.basename(filename), weights)
     copy = _load_engine(source.info, files.read_weights(source.info.filename, "source checkpoint"))
-    unet, clip = load_lora_for_models(copy.unet, copy.clip, weights, multiplier, multiplier, filename)
-    if unet is copy.unet and clip is copy.clip:
-        _drop(copy)
-        raise DeltaError(f"Delta Sampling: LoRA '{name}' does not fit the source '{source.title}': "
-                         "no keys matched (it was made for another architecture).")
-    copy.unet, copy.clip = unet, clip
-    copy.model.forge_objects.unet, copy.model.forge_objects.clip = unet, clip
-    logger.info("LoRA %s on %s: merged into a second copy of the source", name, source.title)
+    for filename, multiplier, weights in loaded:
+        unet, clip = load_lora_for_models(copy.unet, copy.clip, weights, multiplier, multiplier, filename)
+        if unet is copy.unet and clip is copy.clip:
+            _drop(copy)
+            raise DeltaError(f"Delta Sampling: LoRA '{os.path.basename(filename)}' does not fit the source "
+                             f"'{source.title}': no keys matched (it was made for another architecture).")
+        copy.unet, copy.clip = unet, clip
+    copy.model.forge_objects.unet, copy.model.forge_objects.clip = copy.unet, copy.clip
+    names = ", ".join(os.path.basename(f) for f, _ in stack)
+    logger.info("LoRA %s on %s: merged into a second copy of the source", names, source.title)
     return TwoEngineLora(source, copy)
 
 

@@ -9,20 +9,43 @@ from typing import Any
 import gradio as gr
 
 from lib_delta import DeltaError, logger
-from lib_delta.spec import FIELD_BY_ATTR, FIELDS, MALFORMED, DeltaSettings, coerce, malformed_source
+from lib_delta.spec import FIELD_BY_ATTR, FIELDS, MALFORMED, UNITS, DeltaSettings, coerce, malformed_source
 
 from . import choices
 
 
 def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list[Any]:
-    """Components in FIELDS order (= API args order); sets the script's infotext paste fields."""
-    from modules.ui_common import create_refresh_button
-    from modules.ui_components import InputAccordion, ToolButton
+    """Components of every unit in FIELDS order (= API args order, unit after unit); sets the script's
+    infotext paste fields. Unit 1 is the accordion's; units 2.. sit in tabs with their own checkbox."""
+    from modules.infotext_utils import PasteField
+    from modules.ui_components import InputAccordion
 
     tab = "img2img" if is_img2img else "txt2img"
+    units: list[dict[str, Any]] = []
+    with InputAccordion(False, label="Delta Sampling", elem_id=f"delta_sampling_{tab}_enabled") as enabled:
+        if unsupported:
+            gr.Markdown(unsupported)
+        with gr.Tabs(elem_id=f"delta_sampling_{tab}_units"):
+            for n in range(1, UNITS + 1):
+                with gr.Tab(f"Unit {n}", elem_id=f"delta_sampling_{tab}_unit{n}"):
+                    units.append(unit_panel(tab, n, enabled if n == 1 else None))
+        free = gr.Button(value="Free source models", elem_id=f"delta_sampling_{tab}_free")
+    free.click(fn=free_sources, inputs=[], outputs=[], show_progress=False)
+    script.infotext_fields, script.paste_field_names = [], []
+    for n, c in enumerate(units, 1):
+        keys = [PasteKey(f.attr, n) for f in FIELDS]
+        script.infotext_fields += [PasteField(c[f.attr], key, api=None) for f, key in zip(FIELDS, keys, strict=True)]
+        script.paste_field_names += keys  # "Send to img2img/inpaint" copies these components by name
+    return [c[f.attr] for c in units for f in FIELDS]
+
+
+def unit_panel(tab: str, n: int, enabled: Any | None) -> dict[str, Any]:
+    """One unit's controls; `enabled`: the accordion (unit 1), else the unit gets its own checkbox."""
+    from modules.ui_common import create_refresh_button
+    from modules.ui_components import ToolButton
 
     def eid(attr: str) -> str:
-        return f"delta_sampling_{tab}_{attr}"
+        return f"delta_sampling_{tab}_{attr}" if n == 1 else f"delta_sampling_{tab}_u{n}_{attr}"
 
     def kw(attr: str) -> dict[str, Any]:
         f = FIELD_BY_ATTR[attr]
@@ -32,43 +55,42 @@ def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list
         f = FIELD_BY_ATTR[attr]
         return gr.Slider(minimum=f.minimum, maximum=f.maximum, step=f.step, **kw(attr))
 
-    c: dict[str, Any] = {}
-    with InputAccordion(False, label="Delta Sampling", elem_id=eid("enabled")) as c["enabled"]:
-        if unsupported:
-            gr.Markdown(unsupported)
+    c: dict[str, Any] = {"enabled": enabled}
+    if enabled is None:
+        c["enabled"] = gr.Checkbox(label=f"Enable unit {n} (adds its own lambda x delta)", value=False,
+                                   elem_id=eid("enabled"))
+    with gr.Row():
+        c["source"] = gr.Dropdown(choices=selectable("source", choices.checkpoints()), allow_custom_value=True,
+                                  **kw("source"))
+        create_refresh_button(c["source"], choices.refresh_checkpoints,
+                              lambda: {"choices": selectable("source", choices.checkpoints())}, eid("source_refresh"))
+    with gr.Row():
+        c["adapter_kind"] = gr.Dropdown(choices=list(FIELD_BY_ATTR["adapter_kind"].choices), **kw("adapter_kind"))
+        c["adapter"] = gr.Dropdown(choices=selectable("adapter", choices.adapters("lora")), allow_custom_value=True,
+                                   **kw("adapter"))
+        refresh = ToolButton(value="\U0001f504", elem_id=eid("adapter_refresh"), tooltip="DS adapter: refresh")
+        c["adapter_weight"] = slider("adapter_weight")
+    c["loras"] = gr.Textbox(lines=1, placeholder="name:weight, name:weight  (or <lora:name:weight>)", **kw("loras"))
+    with gr.Row():
+        c["strength"] = slider("strength")
+        c["strength_mode"] = gr.Radio(choices=list(FIELD_BY_ATTR["strength_mode"].choices), **kw("strength_mode"))
+        c["speed"] = gr.Radio(choices=list(FIELD_BY_ATTR["speed"].choices), **kw("speed"))
+    with gr.Row():
+        c["schedule"] = gr.Dropdown(choices=list(FIELD_BY_ATTR["schedule"].choices), **kw("schedule"))
+        c["start"] = slider("start")
+        c["end"] = slider("end")
+    for attr in ("base_prompt", "adapted_prompt", "negative_prompt"):
+        c[attr] = gr.Textbox(lines=1, placeholder=FIELD_BY_ATTR[attr].tooltip, **kw(attr))
+    with gr.Accordion("Advanced", open=False):
         with gr.Row():
-            c["source"] = gr.Dropdown(choices=selectable("source", choices.checkpoints()), allow_custom_value=True,
-                                      **kw("source"))
-            create_refresh_button(c["source"], choices.refresh_checkpoints,
-                                  lambda: {"choices": selectable("source", choices.checkpoints())}, eid("source_refresh"))
+            c["source_cfg"] = slider("source_cfg")
+            c["cap"] = slider("cap")
+        gr.Markdown("Speed knobs, used when DS speed is *custom*:")
         with gr.Row():
-            c["adapter_kind"] = gr.Dropdown(choices=list(FIELD_BY_ATTR["adapter_kind"].choices), **kw("adapter_kind"))
-            c["adapter"] = gr.Dropdown(choices=selectable("adapter", choices.adapters("lora")), allow_custom_value=True,
-                                       **kw("adapter"))
-            refresh = ToolButton(value="\U0001f504", elem_id=eid("adapter_refresh"), tooltip="DS adapter: refresh")
-            c["adapter_weight"] = slider("adapter_weight")
-        with gr.Row():
-            c["strength"] = slider("strength")
-            c["strength_mode"] = gr.Radio(choices=list(FIELD_BY_ATTR["strength_mode"].choices), **kw("strength_mode"))
-            c["speed"] = gr.Radio(choices=list(FIELD_BY_ATTR["speed"].choices), **kw("speed"))
-        with gr.Row():
-            c["schedule"] = gr.Dropdown(choices=list(FIELD_BY_ATTR["schedule"].choices), **kw("schedule"))
-            c["start"] = slider("start")
-            c["end"] = slider("end")
-        for attr in ("base_prompt", "adapted_prompt", "negative_prompt"):
-            c[attr] = gr.Textbox(lines=1, placeholder=FIELD_BY_ATTR[attr].tooltip, **kw(attr))
-        with gr.Accordion("Advanced", open=False):
-            with gr.Row():
-                c["source_cfg"] = slider("source_cfg")
-                c["cap"] = slider("cap")
-            gr.Markdown("Speed knobs, used when DS speed is *custom*:")
-            with gr.Row():
-                c["batched"] = gr.Checkbox(**kw("batched"))
-                c["cond_only"] = gr.Checkbox(**kw("cond_only"))
-                c["native_size"] = gr.Checkbox(**kw("native_size"))
-                c["reuse"] = slider("reuse")
-            free = gr.Button(value="Free source models", elem_id=eid("free"))
-    free.click(fn=free_sources, inputs=[], outputs=[], show_progress=False)
+            c["batched"] = gr.Checkbox(**kw("batched"))
+            c["cond_only"] = gr.Checkbox(**kw("cond_only"))
+            c["native_size"] = gr.Checkbox(**kw("native_size"))
+            c["reuse"] = slider("reuse")
     c["source"].change(fn=lambda name: warn_if_missing("checkpoint", name), inputs=[c["source"]], outputs=[],
                        show_progress=False)
     c["adapter"].change(fn=warn_if_missing, inputs=[c["adapter_kind"], c["adapter"]], outputs=[], show_progress=False)
@@ -76,13 +98,7 @@ def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list
     c["adapter_kind"].change(fn=on_kind_change, inputs=[c["adapter_kind"], c["adapter"]],
                              outputs=[c["adapter"], c["adapter_weight"], refresh, c["adapted_prompt"]],
                              show_progress=False)
-
-    from modules.infotext_utils import PasteField
-
-    keys = [PasteKey(f.attr) for f in FIELDS]
-    script.infotext_fields = [PasteField(c[f.attr], key, api=None) for f, key in zip(FIELDS, keys, strict=True)]
-    script.paste_field_names = list(keys)  # "Send to img2img/inpaint" copies these components by name
-    return [c[f.attr] for f in FIELDS]
+    return c
 
 
 ADAPTED_PROMPT_REQUIRED = ("Required for a prompt adapter: the prompt whose effect is transferred; {prompt} stands "
@@ -166,24 +182,25 @@ def named_choices() -> bool:
 
 
 class PasteKey(str):
-    """A field's paste target. Callable: A1111 calls it with the pasted infotext params. A str ("DS/<attr>"):
-    the "Send to img2img" buttons match fields by name, so the panel's values travel between tabs."""
+    """A field's paste target. Callable: A1111 calls it with the pasted infotext params. A str ("DS/<attr>",
+    "DS<n>/<attr>" for unit n): the "Send to img2img" buttons match fields by name, so the panel's values
+    travel between tabs."""
 
-    def __new__(cls, attr: str) -> PasteKey:
-        key = super().__new__(cls, f"DS/{attr}")
-        key.parse = paste_value(attr)
+    def __new__(cls, attr: str, unit: int = 1) -> PasteKey:
+        key = super().__new__(cls, f"DS/{attr}" if unit == 1 else f"DS{unit}/{attr}")
+        key.parse = paste_value(attr, unit)
         return key
 
     def __call__(self, params: dict[str, Any]) -> Any:
         return self.parse(params)
 
 
-def paste_value(attr: str) -> Callable[[dict[str, Any]], Any]:
-    """Paste function of one field: parse the DS infotext; no DS key turns the panel off."""
+def paste_value(attr: str, unit: int = 1) -> Callable[[dict[str, Any]], Any]:
+    """Paste function of one field of one unit: parse its DS infotext; no DS key turns the unit off."""
 
     def value(params: dict[str, Any]) -> Any:
         try:
-            settings = DeltaSettings.from_infotext(params)
+            settings = DeltaSettings.from_infotext(params, unit)
         except DeltaError as e:
             # A1111's paste swallows exceptions, so keep DS on with a source that fails with this message:
             # a clear error at generation (UI and API) instead of a silently different image.

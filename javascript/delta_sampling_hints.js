@@ -21,7 +21,8 @@
         "DS batched pair": "custom: run base and adapted as one batch where they share weights (same result, more memory per step).",
         "DS cond-only delta": "custom: skip the source's uncond passes (half the source cost, approximate for LoRA).",
         "DS delta every": "custom: compute the delta every k model calls and reuse it in between.",
-        "DS native-size source": "custom: run the source at its own trained resolution (e.g. SD1.5 at ~512 px under a 1024 px SDXL target) and scale the delta up."
+        "DS native-size source": "custom: run the source at its own trained resolution (e.g. SD1.5 at ~512 px under a 1024 px SDXL target) and scale the delta up.",
+        "DS more LoRAs": "More LoRA/LyCORIS files on the adapted side, on top of the adapter (any kind): 'name:weight, name:weight' or <lora:name:weight>. With a checkpoint adapter: a fine-tune plus LoRAs in one adapted branch."
     };
     if (typeof titles === "undefined") {
         window.titles = {};

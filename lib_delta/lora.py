@@ -10,10 +10,11 @@ multiplier).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -208,6 +209,7 @@ class _Patch:
     alpha: float | None
     fixed_scale: float | None
     on_input: bool = False  # IA3: scale the input columns instead of the output rows
+    weight: float = 1.0  # its file's multiplier within a stack of LoRAs (LoraAdapter.stack)
     _cast: tuple[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] | None = field(default=None)
 
     def factors(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -218,6 +220,7 @@ class _Patch:
 
     def deltas(self, weight: torch.Tensor, multiplier: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(multiplier * dW shaped like weight, multiplier * bias diff or None)."""
+        multiplier *= self.weight
         p = self.factors(weight)
         if self.kind == "ia3":  # dW = W * w, per output row or input column
             w = p["weight"].reshape(1, -1) if self.on_input else p["weight"].reshape(-1, 1)
@@ -245,6 +248,7 @@ class LoraAdapter:
     def __init__(self, patches: dict[str, list[_Patch]], multiplier: float, report: KeyReport,
                  model: nn.Module) -> None:
         self._patches = patches  # hooked module name -> its patches
+        self._model = model
         self._modules = {name: model.get_submodule(name) for name in patches}
         self.multiplier = multiplier
         self.report = report
@@ -300,6 +304,23 @@ class LoraAdapter:
             )
         log.info("LoRA: %d modules patched from %d of %d keys", len(patches), matched, total)
         return cls(patches, multiplier, report, model)
+
+    @classmethod
+    def stack(cls, adapters: Sequence[LoraAdapter]) -> LoraAdapter:
+        """Several adapters of one model as one, each at its own multiplier: the sum of their weight deltas,
+        each taken against the original weight (A1111's order for several LoRAs)."""
+        if len(adapters) == 1:
+            return adapters[0]
+        patches: dict[str, list[_Patch]] = {}
+        for adapter in adapters:
+            for name, own in adapter._patches.items():
+                patches.setdefault(name, []).extend(
+                    dataclasses.replace(p, weight=p.weight * adapter.multiplier) for p in own)
+        reports = [a.report for a in adapters]
+        report = KeyReport(sum(r.matched for r in reports), sum(r.unmatched for r in reports),
+                           sum(r.skipped_text_encoder for r in reports), reports[0].unmatched_examples,
+                           sum(r.skipped_types for r in reports))
+        return cls(patches, 1.0, report, adapters[0]._model)
 
     def merged_params(self, module_name: str) -> dict[str, torch.Tensor]:
         """{parameter path below the module: merged value} for one patched module (its dtype and device)."""

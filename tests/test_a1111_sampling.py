@@ -100,14 +100,14 @@ def test_img2img_inpainting_keeps_masked_pixels(webui):
 
 def test_hires_fix_applies_delta_in_both_passes(webui, monkeypatch):
     runs = []
-    original = webui.a1111.DeltaRun
+    original = webui.a1111.generation.DeltaRun
 
     class Recording(original):
         def __post_init__(self):
             super().__post_init__()
             runs.append(self)
 
-    monkeypatch.setattr(webui.a1111, "DeltaRun", Recording)
+    monkeypatch.setattr(webui.a1111.generation, "DeltaRun", Recording)
     generate(webui, ds(), enable_hr=True, steps=4)
     assert len(runs) == 2 and all(r.applied_steps > 0 for r in runs)
     runs.clear()

@@ -10,15 +10,17 @@ from test_a1111_lifecycle import registered, write_lora
 from test_a1111_sampling import ds, generate
 
 from lib_delta import DeltaError
-from lib_delta.spec import FIELDS, DeltaSettings
+from lib_delta.spec import FIELDS, UNITS, DeltaSettings
 
 
-def paste(webui, components, infotext_line: str) -> dict[str, object]:
+def paste(webui, components, infotext_line: str, unit: int = 1) -> dict[str, object]:
+    """What pasting the line sets in one unit's components."""
     from modules import infotext_utils
 
     params = infotext_utils.parse_generation_parameters(infotext_line)
     fields = {id(f.component): f for f in webui.script.infotext_fields}
-    return {f.attr: fields[id(c)].function(params) for f, c in zip(FIELDS, components, strict=True)}
+    own = components[(unit - 1) * len(FIELDS) : unit * len(FIELDS)]
+    return {f.attr: fields[id(c)].function(params) for f, c in zip(FIELDS, own, strict=True)}
 
 
 def infotext_line(webui, params: dict) -> str:
@@ -31,9 +33,16 @@ def test_ui_returns_components_in_spec_order_without_side_effects(webui):
     before = (registered(webui), list(webui.loads))
     comps = webui.script.ui(False)
     again = webui.script.ui(True)
-    assert [c.kwargs.get("label") for c in comps] == [f.label for f in FIELDS]
-    assert [c.value for c in comps] == DeltaSettings().to_args()
-    assert type(comps[0]).__name__ == "InputAccordion" and len(again) == len(FIELDS)
+    n = len(FIELDS)
+    assert len(comps) == len(again) == UNITS * n
+    assert [c.kwargs.get("label") for c in comps[:n]] == [f.label for f in FIELDS]
+    for unit in range(1, UNITS):  # units 2.. : the same fields, their own enable checkbox
+        own = comps[unit * n : (unit + 1) * n]
+        assert [c.kwargs.get("label") for c in own[1:]] == [f.label for f in FIELDS[1:]]
+        assert type(own[0]).__name__ == "Checkbox" and own[0].value is False
+        assert len({c.kwargs["elem_id"] for c in own} & {c.kwargs["elem_id"] for c in comps[:n]}) == 0
+    assert [c.value for c in comps] == DeltaSettings().to_args() * UNITS
+    assert type(comps[0]).__name__ == "InputAccordion"
     assert comps[1].kwargs["choices"] == ["(choose a source)", "sd15_a [0000000001]", "sd15_b [0000000002]"]
     assert (registered(webui), webui.loads) == before
     (event, kw), = comps[2].events

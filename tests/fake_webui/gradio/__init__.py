@@ -81,3 +81,11 @@ class Accordion(Block):
 
 class Markdown(Block):
     pass
+
+
+class Tabs(Block):
+    pass
+
+
+class Tab(Block):  # gradio 3.41 and 4: Tab = TabItem(label, ...)
+    pass
