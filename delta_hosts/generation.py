@@ -101,20 +101,30 @@ def prepare(p: Any, units: list[DeltaSettings], models: ModuleType | None, unsup
         if unsupported or models is None:
             raise DeltaError(unsupported or "Delta Sampling does not support this WebUI.")
         for unit in enabled:
-            try:
+            with naming(unit):
                 unit.settings.validate()
-            except DeltaError as e:
-                raise DeltaError(f"{e} (DS unit {unit.number})" if unit.number > 1 else str(e)) from e
         checkpoints = {s.source for s in units if s.enabled} | {s.adapter for s in units
                                                                 if s.enabled and s.adapter_kind == "checkpoint"}
         CACHE.capacity = max(int(shared.opts.data.get("delta_sampling_cache_size", 1)), len(checkpoints))
         for unit in enabled:  # never evicts a model of this generation: the capacity covers them all
-            load_unit(unit, models)
+            with naming(unit):
+                load_unit(unit, models)
         attach_loras(enabled)
         titled = {u.number: u.settings for u in enabled}
         p.extra_generation_params.update(units_infotext([titled.get(n, s) for n, s in enumerate(units, 1)]))
     except Exception as e:
         fail(state, as_delta_error(e))
+
+
+@contextlib.contextmanager
+def naming(unit: Unit) -> Iterator[None]:
+    """A unit after the first names itself in its errors."""
+    try:
+        yield
+    except DeltaError as e:
+        if unit.number == 1:
+            raise
+        raise DeltaError(f"{e} (DS unit {unit.number})") from e
 
 
 def load_unit(unit: Unit, models: ModuleType) -> None:

@@ -213,6 +213,9 @@ def paste_value(attr: str, unit: int = 1) -> Callable[[dict[str, Any]], Any]:
             return choices.resolve_checkpoint(settings.source)
         if attr == "adapter" and settings.enabled:
             return choices.resolve_adapter(settings.adapter_kind, settings.adapter)
+        if attr == "loras" and settings.loras:
+            return ", ".join(f"{choices.resolve_adapter('lora', name)}:{weight:g}"
+                             for name, weight in settings.stacked_loras())
         return getattr(settings, attr)
 
     return value

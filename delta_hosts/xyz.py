@@ -1,4 +1,5 @@
-"""X/Y/Z plot axes. Values reach the script through `p.ds_<attr>`, read in Script.process."""
+"""X/Y/Z plot axes. Values reach the script through `p.ds_<attr>` (unit n: `p.ds<n>_<attr>`), read in
+Script.process."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from types import ModuleType
 from typing import Any
 
 from lib_delta import DeltaError, logger
-from lib_delta.spec import FIELD_BY_ATTR, SCHEDULES, SPEEDS, STRENGTH_MODES, coerce
+from lib_delta.spec import FIELD_BY_ATTR, SCHEDULES, SPEEDS, STRENGTH_MODES, UNITS, coerce
 
 from . import choices
+from .generation import override_prefix
 
 PREFIX = "[DS] "
 # (attr, label, cost): model axes are costly so the grid loops over them outermost
@@ -23,6 +25,7 @@ AXES: tuple[tuple[str, str, float], ...] = (
     ("strength_mode", "Strength mode", 0.0),
     ("cap", "Cap", 0.0),
 )
+UNIT_AXES = ("strength",)  # units 2..: "[DS n] Lambda"
 AXIS_CHOICES: dict[str, Callable[[], list[str]]] = {
     "schedule": lambda: list(SCHEDULES),
     "source": choices.checkpoints,
@@ -33,9 +36,9 @@ AXIS_CHOICES: dict[str, Callable[[], list[str]]] = {
 }
 
 
-def apply_field(attr: str) -> Callable[[Any, Any, Any], None]:
+def apply_field(attr: str, unit: int = 1) -> Callable[[Any, Any, Any], None]:
     def apply(p: Any, x: Any, xs: Any) -> None:
-        setattr(p, "ds_" + attr, coerce(FIELD_BY_ATTR[attr], x))
+        setattr(p, override_prefix(unit) + attr, coerce(FIELD_BY_ATTR[attr], x))
 
     return apply
 
@@ -69,8 +72,11 @@ def register() -> None:
         return
     if any(opt.label.startswith(PREFIX) for opt in xyz.axis_options):
         return
-    for attr, label, cost in AXES:
+    axes = [(PREFIX, attr, label, cost, 1) for attr, label, cost in AXES]
+    axes += [(f"[DS {n}] ", attr, label, cost, n) for n in range(2, UNITS + 1)
+             for attr, label, cost in AXES if attr in UNIT_AXES]
+    for prefix, attr, label, cost, unit in axes:
         kind = float if FIELD_BY_ATTR[attr].kind is float else str
         xyz.axis_options.append(xyz.AxisOption(
-            PREFIX + label, kind, apply_field(attr), confirm=confirm_field(attr), cost=cost,
+            prefix + label, kind, apply_field(attr, unit), confirm=confirm_field(attr), cost=cost,
             choices=AXIS_CHOICES.get(attr)))

@@ -189,7 +189,7 @@ def test_xyz_axes_register_once_and_reach_the_script_through_p(webui):
     ds_xyz.register()
     labels = [o.label for o in xyz.axis_options]
     assert labels == ["[DS] Lambda", "[DS] Schedule", "[DS] Source checkpoint", "[DS] Adapter", "[DS] Enabled",
-                      "[DS] Speed", "[DS] Strength mode", "[DS] Cap"]
+                      "[DS] Speed", "[DS] Strength mode", "[DS] Cap", "[DS 2] Lambda", "[DS 3] Lambda"]
     axes = {o.label: o for o in xyz.axis_options}
     assert axes["[DS] Source checkpoint"].cost == 1.0 and axes["[DS] Lambda"].cost == 0.0
     assert axes["[DS] Schedule"].choices() == ["constant", "linear", "cosine", "exponential", "sigmoid"]
@@ -325,3 +325,42 @@ def test_a_name_that_does_not_resolve_warns_when_chosen(webui):
     ui.warn_if_missing("checkpoint", "gone [123]")
     ui.warn_if_missing("lora", "gone")
     assert [w.split("'")[1] for w in gradio.warnings[len(before):]] == ["gone [123]", "gone"]
+
+
+def test_xyz_unit_lambda_axes_reach_their_own_unit(webui):
+    """[DS 2] Lambda sweeps unit 2's lambda; unit 1 keeps its own."""
+    from delta_hosts import xyz as ds_xyz
+
+    xyz = fake_xyz(webui)
+    ds_xyz.register()
+    axes = {o.label: o for o in xyz.axis_options}
+    units = [ds(strength=1.0), ds(strength=0.5, adapted_prompt="a green fox in snow")]
+    args = tuple(v for u in units for v in u.to_args())
+    only_unit_1, _, _ = generate(webui, units[0])
+    cells = []
+    for lam in (0.0, 2.0):
+        p = webui.processing.StableDiffusionProcessing(prompt="a red fox in snow", negative_prompt="blurry",
+                                                       scripts=[webui.script], script_args=args)
+        axes["[DS 2] Lambda"].apply(p, lam, None)
+        cells.append((torch.cat(webui.processing.process_images(p).samples), p.extra_generation_params))
+    assert torch.equal(cells[0][0], only_unit_1)  # unit 2 at lambda 0 adds nothing, bit for bit
+    assert not torch.equal(cells[1][0], only_unit_1)
+    assert "lam=2.0" in cells[1][1]["Delta Sampling 2"] and cells[1][1]["DS lambda"] == "1"
+
+
+def test_two_units_round_trip_through_a1111_infotext(webui):
+    """A v2 infotext pastes into both units; a v1 infotext pastes into unit 1 and turns units 2.. off."""
+    write_lora(webui)
+    units = [ds(adapter_kind="lora", adapter="style", strength=2.5, loras="style:0.5"),
+             ds(strength=-0.5, adapted_prompt="a cat, watercolor", schedule="sigmoid")]
+    p = webui.processing.StableDiffusionProcessing(prompt="a red fox", negative_prompt="blurry", scripts=[webui.script],
+                                                   script_args=tuple(v for u in units for v in u.to_args()))
+    webui.processing.process_images(p)
+    comps = webui.script.ui(False)
+    line = infotext_line(webui, p.extra_generation_params)
+    assert "Delta Sampling 2: " in line
+    first, second = paste(webui, comps, line, 1), paste(webui, comps, line, 2)
+    assert first == {**units[0].replace(source="sd15_a [0000000001]", loras="style:0.5").__dict__}
+    assert second == {**units[1].replace(source="sd15_a [0000000001]").__dict__}
+    v1_line = infotext_line(webui, units[1].replace(source="sd15_a [0000000001]").to_infotext())
+    assert "v1;" in v1_line and paste(webui, comps, v1_line, 2)["enabled"] is False

@@ -7,7 +7,15 @@ import math
 import pytest
 
 from lib_delta import DeltaError, schedules
-from lib_delta.spec import FIELDS, INFOTEXT_KEY, DeltaSettings
+from lib_delta.spec import (
+    FIELDS,
+    INFOTEXT_KEY,
+    UNITS,
+    DeltaSettings,
+    parse_loras,
+    units_from_args,
+    units_infotext,
+)
 
 FULL = DeltaSettings(
     enabled=True, source="sd15 [abcdef1234]", adapter_kind="lora", adapter="style, v2 [1234]",
@@ -121,3 +129,60 @@ def test_progress_helpers():
     assert schedules.progress_from_calls(0, 20) == 0.0
     assert schedules.progress_from_calls(19, 20) == 1.0
     assert schedules.progress_from_calls(25, 20) == 1.0
+
+
+# -- v2: units and LoRA stacks ---------------------------------------------------------------------
+def test_plain_settings_still_write_v1_and_v1_values_read():
+    assert FULL.to_infotext()[INFOTEXT_KEY].startswith("v1;")
+    v1 = "v1; src=sd15; kind=prompt; ap=a blue fox; lam=2.0"
+    assert DeltaSettings.from_infotext({INFOTEXT_KEY: v1}).strength == 2.0
+
+
+def test_a_lora_stack_or_a_second_unit_writes_v2_and_round_trips():
+    stacked = FULL.replace(loras="ink [5555]:0.5, paper")
+    assert stacked.to_infotext()[INFOTEXT_KEY].startswith("v2;")
+    assert DeltaSettings.from_infotext(stacked.to_infotext()) == stacked
+    second = DeltaSettings(enabled=True, source="sd21", adapter_kind="prompt", adapted_prompt="ink", strength=-0.5)
+    entries = units_infotext([FULL, DeltaSettings(), second])
+    assert entries[INFOTEXT_KEY].startswith("v2;") and "Delta Sampling 2" not in entries
+    assert entries["Delta Sampling 3"].startswith("v2;") and "DS lambda" in entries  # readable keys: unit 1 only
+    assert DeltaSettings.from_infotext(entries) == FULL
+    assert DeltaSettings.from_infotext(entries, 3) == second
+    assert DeltaSettings.from_infotext(entries, 2) == DeltaSettings()  # no key: that unit is off
+
+
+def test_a_v3_value_is_refused_naming_the_unit():
+    with pytest.raises(DeltaError, match="'Delta Sampling 2' version v3.*newer"):
+        DeltaSettings.from_infotext({"Delta Sampling 2": "v3; src=x"}, 2)
+
+
+@pytest.mark.parametrize(("text", "parsed"), [
+    ("", ()),
+    ("ink", (("ink", 1.0),)),
+    ("ink:0.5, paper [abc]:-1", (("ink", 0.5), ("paper [abc]", -1.0))),
+    ("<lora:ink:0.5> <lora:paper>", (("ink", 0.5), ("paper", 1.0))),
+    ("<lora:ink:0.5:0.2>", (("ink", 0.5),)),  # a separate text-encoder weight is not supported: the UNet's
+])
+def test_more_loras_parse(text, parsed):
+    assert parse_loras(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["ink:abc", "ink:nan", "<lora:ink:inf>"])
+def test_bad_more_loras_are_refused(text):
+    with pytest.raises(DeltaError, match="DS more LoRAs"):
+        DeltaSettings(enabled=True, source="s", adapter="a", loras=text).validate()
+
+
+def test_units_from_positional_args_and_from_dicts():
+    n = len(FIELDS)
+    assert units_from_args(FULL.to_args()) == [FULL]  # the old flat API: unit 1
+    both = units_from_args(FULL.to_args() + DeltaSettings(enabled=True, strength=3).to_args())
+    assert [u.strength for u in both] == [2.5, 3.0]
+    dicts = units_from_args([{"source": "a", "strength": "2"}, {"source": "b", "enabled": False}, True, "x"])
+    assert [(u.enabled, u.source, u.strength) for u in dicts] == [(True, "a", 2.0), (False, "b", 1.0)]
+    with pytest.raises(DeltaError, match="unknown unit keys \\['lambda'\\]"):
+        units_from_args([{"lambda": 2}])
+    with pytest.raises(DeltaError, match=f"{n * UNITS} in all"):
+        units_from_args([False] * (n * UNITS + 1))
+    with pytest.raises(DeltaError, match="at most 3 units"):
+        units_from_args([{}] * 4)

@@ -9,8 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gaussian import SHAPE, MiniCFGDenoiser, alphas_cumprod, gaussian_model, plain_conds, sample_ddim, sample_k, total_calls
-from test_fast_modes import CFG, ldm, ldm_branch, lora_for  # noqa: F401  (ldm: a fixture)
+from gaussian import (
+    SHAPE,
+    MiniCFGDenoiser,
+    alphas_cumprod,
+    gaussian_model,
+    plain_conds,
+    sample_ddim,
+    sample_k,
+    total_calls,
+)
+from test_fast_modes import CFG, ldm_branch, lora_for
+from tinyldm import TinyLDM
 
 from lib_delta import latent
 from lib_delta.delta import DeltaRun, DeltaUnits
@@ -125,9 +135,9 @@ def test_a_shared_base_is_not_reused_across_different_inputs():
     assert memo.reused == 0 and calls.count("base") == 16
 
 
-def test_a_shared_base_with_batched_lora_pairs_matches_separate_units(ldm):
+def test_a_shared_base_with_batched_lora_pairs_matches_separate_units():
     """Two LoRA units on one source: base + adapted rows batched for the first, the second reuses the base."""
-    _, source = ldm
+    source = TinyLDM(seed=4).eval()
     prompts = ["a fox", "a cat"]
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 4, 8, 8, generator=g) * 3

@@ -7,8 +7,9 @@ import backend.patcher.unet
 
 
 def _add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-    return self._forge_add_patches(filename="ldm_patched", patches=patches, strength_patch=strength_patch,
-                                   strength_model=strength_model)
+    """ComfyUI's add_patches appends to each key's list: every call adds, even with equal strengths."""
+    return self._forge_add_patches(filename=f"ldm_patched#{len(self.lora_patches)}", patches=patches,
+                                   strength_patch=strength_patch, strength_model=strength_model)
 
 
 def _classic_clone(base):
