@@ -73,6 +73,9 @@ def begin_pass(p: Any) -> None:
         objects.unet = patched
         PATCHED_UNETS.add(patched)
         state.host["patch"] = (objects, original, patched)
+        for unit in state.units:
+            if unit.control is not None:  # the host's sampling_prepare does this for the target only
+                unit.control.begin_pass()
     except Exception as e:
         fail(state, as_delta_error(e))
 
@@ -84,14 +87,16 @@ def _activation_reserve(p: Any, state: Prepared) -> int:
     for unit in state.units:
         batched = unit.settings.knob("batched") and unit.lora is None and unit.adapted is None
         shape = activation_shape(p, unit.settings, unit.source.latent_format, batched)
-        reserve = max([reserve, *(int(patcher.memory_required(shape)) for patcher in _source_patchers(unit)
+        reserve = max([reserve, *(int(patcher.memory_required(shape)) for patcher in _source_patchers(unit, controls=False)
                                   if hasattr(patcher, "memory_required"))])
     return reserve
 
 
-def _source_patchers(*units: Unit) -> list[Any]:
+def _source_patchers(*units: Unit, controls: bool = True) -> list[Any]:
+    """The units' source UNet patchers and, with `controls`, their ControlNets' (no activation estimate)."""
     sources = {id(m): m for unit in units for m in (unit.source, unit.adapted) if m is not None}
-    return [patcher for source in sources.values() for patcher in source.patchers()]
+    nets = [patcher for unit in units if controls and unit.control is not None for patcher in unit.control.patchers()]
+    return [patcher for source in sources.values() for patcher in source.patchers()] + nets
 
 
 def _strip(unet: Any) -> None:
@@ -110,6 +115,9 @@ def end_pass(state: Prepared) -> None:
         objects.unet = original
     if patched is not None:
         _strip(patched)
+        for unit in state.units:
+            if unit.control is not None:
+                unit.control.end_pass()
     state.host.pop("step", None)
 
 

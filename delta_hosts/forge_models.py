@@ -174,6 +174,8 @@ class SourceModel:
     latent_format: latent.LatentFormat
     sigma_max: float = math.inf
     loras: dict[tuple, Any] = field(default_factory=dict)
+    controlnets: dict[tuple, Any] = field(default_factory=dict)  # loaded ControlNets this generation uses
+    control_unet: Any = None  # while a ControlNet branch runs: the patcher carrying it
 
     @property
     def unet(self) -> Any:
@@ -184,9 +186,12 @@ class SourceModel:
         return [self.unet]
 
     def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        unet = self.unet
+        unet, conds = self.control_unet or self.unet, compile_conditions(cond)
+        if self.control_unet is not None:  # as the host's sampling_function gives the target's conds theirs
+            for c in conds:
+                c["control"] = unet.controlnet_linked_list
         with host_globals():
-            out, _ = calc_cond_uncond_batch(unet.model, compile_conditions(cond), None, x, sigma, unet.model_options)
+            out, _ = calc_cond_uncond_batch(unet.model, conds, None, x, sigma, unet.model_options)
         return out.to(x.dtype)
 
     def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
@@ -205,6 +210,15 @@ class SourceModel:
     def loras_for(self, stacks: list[tuple[tuple[str, float], ...]]) -> list[Any]:
         """One pair of LoRA clones per stack of (file, multiplier); keeps only these."""
         return keep_only(self.loras, [lora_key(stack) for stack in stacks], stacks, lambda st: _load_lora(self, st))
+
+    def controls_for(self, requests: list[tuple[str, torch.Tensor, float, float, float]]) -> list[Any]:
+        """One ControlNet clone per (file, hint, weight, start, end); keeps only these files loaded."""
+        from . import forge_control
+
+        keys = [lora_key(((filename, 1.0),)) for filename, *_ in requests]
+        nets = keep_only(self.controlnets, keys, [r[0] for r in requests],
+                         lambda filename: forge_control.load_controlnet(filename, self.title))
+        return [forge_control.attach(self, net, *r[1:]) for net, r in zip(nets, requests, strict=True)]
 
     def offload(self) -> None:
         """Leave the GPU, stay in RAM: the host's own unload moves the weights to its offload device."""
@@ -288,6 +302,9 @@ def release(source: SourceModel) -> None:
     forget_modules(memory_management.current_loaded_models,
                    [source.unet.model, source.engine.forge_objects.clip.cond_stage_model], _unload)
     source.loras.clear()
+    forget_modules(memory_management.current_loaded_models,
+                   [m.model for net in source.controlnets.values() for m in net.get_models()], _unload)
+    source.controlnets.clear()
     source.engine = None
     gc.collect()
     memory_management.soft_empty_cache()

@@ -53,6 +53,7 @@ class Unit:
     source: Any = None
     adapted: Any = None  # checkpoint adapter
     lora: Any = None  # the LoRA stack on the adapted side, where there is one
+    control: Any = None  # the ControlNet on the adapted side, where there is one
 
     @property
     def lora_files(self) -> tuple[tuple[str, float], ...]:
@@ -110,6 +111,7 @@ def prepare(p: Any, units: list[DeltaSettings], models: ModuleType | None, unsup
             with naming(unit):
                 load_unit(unit, models)
         attach_loras(enabled)
+        attach_controls(p, enabled)
         titled = {u.number: u.settings for u in enabled}
         p.extra_generation_params.update(units_infotext([titled.get(n, s) for n, s in enumerate(units, 1)]))
     except Exception as e:
@@ -208,6 +210,47 @@ def abort(state: Prepared, error: DeltaError) -> None:
         host_state.interrupted = True
 
 
+def attach_controls(p: Any, units: list[Unit]) -> None:
+    """Each unit's ControlNet on its adapted model, through the host's own ControlNet; a model keeps loaded
+    only the ControlNets this generation uses."""
+    from . import control
+
+    by_model: dict[int, tuple[Any, list[Unit], list[tuple]]] = {}
+    for unit in units:
+        s = unit.settings
+        if not s.control_model:
+            continue
+        with naming(unit):
+            model = unit.adapted or unit.source
+            if not hasattr(model, "controls_for"):
+                raise DeltaError("Delta Sampling: a ControlNet on the DS source needs Forge or Forge Neo in this "
+                                 "version; this WebUI has no ControlNet DS can drive.")
+            request = (control.find_controlnet(s.control_model), control.hint(p, s), s.control_weight,
+                       s.control_start, s.control_end)
+        entry = by_model.setdefault(id(model), (model, [], []))
+        entry[1].append(unit)
+        entry[2].append(request)
+    for model, users, requests in by_model.values():
+        for unit, ctl in zip(users, model.controls_for(requests), strict=True):
+            unit.control = ctl
+
+
+def adapted_context(unit: Unit) -> Callable[[], contextlib.AbstractContextManager[Any]] | None:
+    """What the adapted branch's forward runs inside: the LoRA stack and the ControlNet, where present."""
+    parts = [c.enabled for c in (unit.lora, unit.control) if c is not None]
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+
+    @contextlib.contextmanager
+    def both() -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for part in parts:
+                stack.enter_context(part())
+            yield
+
+    return both
+
+
 def build_runs(p: Any, state: Prepared, target_format: Any, target_title: str, **kw: Any) -> DeltaUnits:
     """This pass's units: each one's pair on the active target; units with the same base share it."""
     bases: dict[tuple, Branch] = {}
@@ -243,14 +286,15 @@ def build_pair(p: Any, unit: Unit, bases: dict[tuple, Branch] | None = None) -> 
         base = bases[key] = dataclasses.replace(branch(src, base_prompts), memo=BaseMemo())
     else:
         base = bases[key]
-    model, lora = unit.adapted or src, unit.lora
-    if lora is not None:  # a LoRA may switch its text encoder part separately
-        adapted = branch(model, adapted_prompts, lora.enabled, getattr(lora, "encoding", None),
-                         getattr(lora, "rows", None))  # where the host's LoRA can follow batch rows
+    model, lora, context = unit.adapted or src, unit.lora, adapted_context(unit)
+    if context is not None:  # a LoRA may switch its text encoder part separately
+        rows = getattr(lora, "rows", None) if unit.control is None else None  # where the host's LoRA follows rows
+        adapted = branch(model, adapted_prompts, context, getattr(lora, "encoding", None) or
+                         (lora.enabled if lora is not None else contextlib.nullcontext), rows)
     else:
         adapted = branch(model, adapted_prompts)
     return CfgSourcePair(src.latent_format, base, adapted, cfg_scale, getattr(src, "sigma_max", math.inf),
-                         src.title, shares_uncond=s.adapter_kind == "prompt" and lora is None)
+                         src.title, shares_uncond=s.adapter_kind == "prompt" and lora is None and unit.control is None)
 
 
 PROMPT_PLACEHOLDER = "{prompt}"

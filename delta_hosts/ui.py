@@ -11,7 +11,7 @@ import gradio as gr
 from lib_delta import DeltaError, logger
 from lib_delta.spec import FIELD_BY_ATTR, FIELDS, MALFORMED, UNITS, DeltaSettings, coerce, malformed_source
 
-from . import choices
+from . import choices, control
 
 
 def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list[Any]:
@@ -32,9 +32,10 @@ def build(script: Any, is_img2img: bool, unsupported: str | None = None) -> list
         free = gr.Button(value="Free source models", elem_id=f"delta_sampling_{tab}_free")
     free.click(fn=free_sources, inputs=[], outputs=[], show_progress=False)
     script.infotext_fields, script.paste_field_names = [], []
+    pasted = [f for f in FIELDS if f.infotext]  # an image is not in the infotext: a paste keeps the panel's
     for n, c in enumerate(units, 1):
-        keys = [PasteKey(f.attr, n) for f in FIELDS]
-        script.infotext_fields += [PasteField(c[f.attr], key, api=None) for f, key in zip(FIELDS, keys, strict=True)]
+        keys = [PasteKey(f.attr, n) for f in pasted]
+        script.infotext_fields += [PasteField(c[f.attr], key, api=None) for f, key in zip(pasted, keys, strict=True)]
         script.paste_field_names += keys  # "Send to img2img/inpaint" copies these components by name
     return [c[f.attr] for c in units for f in FIELDS]
 
@@ -81,6 +82,22 @@ def unit_panel(tab: str, n: int, enabled: Any | None) -> dict[str, Any]:
         c["end"] = slider("end")
     for attr in ("base_prompt", "adapted_prompt", "negative_prompt"):
         c[attr] = gr.Textbox(lines=1, placeholder=FIELD_BY_ATTR[attr].tooltip, **kw(attr))
+    with gr.Accordion("ControlNet on the adapted source", open=False):
+        with gr.Row():
+            c["control_model"] = gr.Dropdown(choices=selectable("control_model", control.controlnets()),
+                                             allow_custom_value=True, **kw("control_model"))
+            c["control_preprocessor"] = gr.Radio(choices=list(FIELD_BY_ATTR["control_preprocessor"].choices),
+                                                 **kw("control_preprocessor"))
+        with gr.Row():
+            c["control_weight"] = slider("control_weight")
+            c["control_start"] = slider("control_start")
+            c["control_end"] = slider("control_end")
+        with gr.Row():
+            c["control_image"] = gr.Image(type="numpy", **kw("control_image"))
+            detected = gr.Image(label="Detected map", interactive=False, elem_id=eid("control_map"))
+        preview = gr.Button(value="Preview the map", elem_id=eid("control_preview"))
+    preview.click(fn=preview_map, inputs=[c["control_image"], c["control_preprocessor"]], outputs=[detected],
+                  show_progress=False)
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
             c["source_cfg"] = slider("source_cfg")
@@ -114,6 +131,16 @@ def on_kind_change(kind: str, adapter: str) -> tuple[dict, dict, dict, dict]:
     hint = ADAPTED_PROMPT_REQUIRED if kind == "prompt" else FIELD_BY_ATTR["adapted_prompt"].tooltip
     return (gr.update(choices=selectable("adapter", names), value="" if stale or kind == "prompt" else adapter, visible=kind != "prompt"),
             gr.update(visible=kind == "lora"), gr.update(visible=kind != "prompt"), gr.update(placeholder=hint))
+
+
+def preview_map(image: Any, preprocessor: str) -> Any:
+    """The ControlNet panel's *Preview the map*: what the ControlNet will see."""
+    try:
+        decoded = control.decode_image(image)
+        return None if decoded is None else control.control_map(decoded, preprocessor)
+    except DeltaError as e:
+        gr.Warning(str(e))
+        return None
 
 
 def warn_if_missing(kind: str, name: str) -> None:

@@ -22,7 +22,13 @@
         "DS cond-only delta": "custom: skip the source's uncond passes (half the source cost, approximate for LoRA).",
         "DS delta every": "custom: compute the delta every k model calls and reuse it in between.",
         "DS native-size source": "custom: run the source at its own trained resolution (e.g. SD1.5 at ~512 px under a 1024 px SDXL target) and scale the delta up.",
-        "DS more LoRAs": "More LoRA/LyCORIS files on the adapted side, on top of the adapter (any kind): 'name:weight, name:weight' or <lora:name:weight>. With a checkpoint adapter: a fine-tune plus LoRAs in one adapted branch."
+        "DS more LoRAs": "More LoRA/LyCORIS files on the adapted side, on top of the adapter (any kind): 'name:weight, name:weight' or <lora:name:weight>. With a checkpoint adapter: a fine-tune plus LoRAs in one adapted branch.",
+        "DS ControlNet": "A ControlNet made for the source (e.g. an SD1.5 canny model), on the adapted side only: its effect reaches your image through the delta. Empty: none.",
+        "DS ControlNet weight": "How strongly the ControlNet steers the adapted source.",
+        "DS ControlNet start": "Fraction of sampling where the ControlNet starts (on the source's noise levels).",
+        "DS ControlNet end": "Fraction of sampling where the ControlNet stops.",
+        "DS ControlNet preprocessor": "canny: edges of the control image (OpenCV, thresholds 100/200); none: the image is already a control map.",
+        "DS ControlNet image": "The control image (not stored in the infotext). Empty in img2img: the img2img input."
     };
     if (typeof titles === "undefined") {
         window.titles = {};

@@ -38,6 +38,7 @@ class Field:
     tooltip: str = ""
     empty_label: str = ""  # what a dropdown shows for the empty value; submitting it means empty
     since: int = 1  # the infotext version that introduced it
+    infotext: bool = True  # False: never written to or read from infotext (an image)
 
 
 FIELDS: tuple[Field, ...] = (
@@ -92,6 +93,20 @@ FIELDS: tuple[Field, ...] = (
           tooltip="More LoRA/LyCORIS files on the adapted side, on top of the adapter (any kind): "
                   "'name:weight, name:weight' or <lora:name:weight>. With a checkpoint adapter: a fine-tune plus "
                   "LoRAs in one adapted branch."),
+    Field("control_model", "DS ControlNet", "cn", str, "", since=2, empty_label="(no ControlNet)",
+          tooltip="A ControlNet made for the source (e.g. an SD1.5 canny model), on the adapted side only: its "
+                  "effect reaches your image through the delta. Empty: none."),
+    Field("control_weight", "DS ControlNet weight", "cnw", float, 1.0, 0.0, 2.0, 0.05, since=2,
+          tooltip="How strongly the ControlNet steers the adapted source."),
+    Field("control_start", "DS ControlNet start", "cns", float, 0.0, 0.0, 1.0, 0.01, since=2,
+          tooltip="Fraction of sampling where the ControlNet starts (on the source's noise levels)."),
+    Field("control_end", "DS ControlNet end", "cne", float, 1.0, 0.0, 1.0, 0.01, since=2,
+          tooltip="Fraction of sampling where the ControlNet stops."),
+    Field("control_preprocessor", "DS ControlNet preprocessor", "cnp", str, "canny", choices=("canny", "none"),
+          since=2, tooltip="canny: edges of the control image (OpenCV, thresholds 100/200); none: the image is "
+                           "already a control map."),
+    Field("control_image", "DS ControlNet image", "", object, None, since=2, infotext=False,
+          tooltip="The control image (not stored in the infotext). Empty in img2img: the img2img input."),
 )
 SPEED_KNOBS = ("batched", "cond_only", "reuse", "native_size")
 PRESETS: dict[str, dict[str, Any]] = {  # what each speed preset sets; README, Performance, has their costs
@@ -126,6 +141,12 @@ class DeltaSettings:
     reuse: float = 1.0
     native_size: bool = False
     loras: str = ""
+    control_model: str = ""
+    control_weight: float = 1.0
+    control_start: float = 0.0
+    control_end: float = 1.0
+    control_preprocessor: str = "canny"
+    control_image: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def knob(self, attr: str) -> Any:
         """A speed knob's effective value: the preset's, or the field's own under speed 'custom'."""
@@ -190,6 +211,9 @@ class DeltaSettings:
             if f.kind is float and f.minimum is not None and not f.minimum <= value <= f.maximum:
                 raise DeltaError(f"Delta Sampling: {f.label} = {value} is outside [{f.minimum}, {f.maximum}].")
         self.stacked_loras()  # raises on a bad weight
+        if self.control_model and self.control_start >= self.control_end:
+            raise DeltaError(f"Delta Sampling: DS ControlNet start ({self.control_start}) must be before its end "
+                             f"({self.control_end}).")
         if self.start >= self.end:
             raise DeltaError(f"Delta Sampling: DS start ({self.start}) must be before DS end ({self.end}).")
         return self
@@ -204,7 +228,7 @@ class DeltaSettings:
         parts = [f"v{version}"]
         for f in FIELDS[1:]:
             value = getattr(self, f.attr)
-            if value != f.default:
+            if f.infotext and value != f.default:
                 parts.append(f"{f.short}={_escape(repr(value) if f.kind is float else str(value))}")
         entries = {unit_key(unit): "; ".join(parts)}
         for f in FIELDS if unit == 1 else ():
@@ -213,7 +237,7 @@ class DeltaSettings:
         return entries
 
     def version(self) -> int:
-        return max([1, *(f.since for f in FIELDS if getattr(self, f.attr) != f.default)])
+        return max([1, *(f.since for f in FIELDS if f.infotext and getattr(self, f.attr) != f.default)])
 
     @classmethod
     def from_infotext(cls, params: Mapping[str, Any], unit: int = 1) -> DeltaSettings:
@@ -229,7 +253,7 @@ class DeltaSettings:
             raise DeltaError(f"Unsupported '{key}' version {version.strip()}: the image was made by a "
                              f"newer Delta Sampling (this one reads up to v{SPEC_VERSION}). Update the extension; its "
                              "settings were not applied.")
-        by_short = {f.short: f for f in FIELDS}
+        by_short = {f.short: f for f in FIELDS if f.infotext}
         values: dict[str, Any] = {}
         for part in parts:
             k, sep, value = part.strip().partition("=")
@@ -313,6 +337,8 @@ def malformed_source(message: str) -> str:
 
 def coerce(field: Field, value: Any) -> Any:
     """Convert a UI/API/infotext/X-Y-Z value to the field's type, or raise DeltaError."""
+    if field.kind is object:  # an image: decoded by the host
+        return value
     try:
         if field.kind is bool:
             if isinstance(value, str):

@@ -20,7 +20,8 @@ def paste(webui, components, infotext_line: str, unit: int = 1) -> dict[str, obj
     params = infotext_utils.parse_generation_parameters(infotext_line)
     fields = {id(f.component): f for f in webui.script.infotext_fields}
     own = components[(unit - 1) * len(FIELDS) : unit * len(FIELDS)]
-    return {f.attr: fields[id(c)].function(params) for f, c in zip(FIELDS, own, strict=True)}
+    return {f.attr: fields[id(c)].function(params) if f.infotext else f.default  # an image: never pasted
+            for f, c in zip(FIELDS, own, strict=True)}
 
 
 def infotext_line(webui, params: dict) -> str:
@@ -60,7 +61,10 @@ def test_send_to_img2img_copies_the_panel_by_field_name(webui):
     names = webui.script.paste_field_names
     sources = [field for field, name in txt_fields if name in names]
     targets = [field for field, name in webui.script.infotext_fields if name in names]
-    assert sources == txt2img and targets == img2img
+    images = {id(c) for c in txt2img + img2img if type(c).__name__ == "Image"}  # not in the infotext
+    assert len(images) == 2 * UNITS
+    assert sources == [c for c in txt2img if id(c) not in images]
+    assert targets == [c for c in img2img if id(c) not in images]
     assert all(callable(name) for _, name in txt_fields)
 
 

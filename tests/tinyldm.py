@@ -51,14 +51,55 @@ class TinyUNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(4, DIM), nn.SiLU(), nn.Conv2d(DIM, 4, 3, padding=1))
         self.in_channels = 4
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        freqs = torch.exp(-torch.arange(4, dtype=torch.float32) * 2.0)
-        angles = t.float()[:, None] / 100.0 * freqs[None]
-        emb = self.time_embed(torch.cat([angles.sin(), angles.cos()], 1))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                control: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """`control`: a ControlNet's residuals, popped like Forge's UNet does (after a block, after the middle)."""
+        emb = self.time_embed(timestep_features(t))
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
+            if control is not None and control.get("output"):
+                h = h + control["output"].pop()
+        if control is not None and control.get("middle"):
+            h = h + control["middle"].pop()
         return self.out(h)
+
+
+def timestep_features(t: torch.Tensor) -> torch.Tensor:
+    freqs = torch.exp(-torch.arange(4, dtype=torch.float32) * 2.0)
+    angles = t.float()[:, None] / 100.0 * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], 1)
+
+
+class TinyControlNet(nn.Module):
+    """A ControlNet for TinyUNet with cldm's module names: time_embed and input_blocks (the encoder copy),
+    input_hint_block (pixels -> latent), zero_convs and middle_block_out. Outputs one residual per zero conv,
+    then the middle one, as cldm's forward does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.time_embed = nn.Sequential(nn.Linear(8, DIM), nn.SiLU(), nn.Linear(DIM, DIM))
+        self.input_blocks = nn.ModuleList([_Block([nn.Conv2d(4, DIM, 3, padding=1)])])
+        self.input_hint_block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, DIM, 8, stride=8))
+        self.zero_convs = nn.ModuleList([nn.Sequential(nn.Conv2d(DIM, DIM, 1))])
+        self.middle_block_out = nn.Sequential(nn.Conv2d(DIM, DIM, 1))
+        self.calls: list[dict[str, torch.Tensor]] = []  # what each forward was given (tests read it)
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None, **kwargs: object) -> list[torch.Tensor]:
+        self.calls.append({"x": x, "timesteps": timesteps, "context": context, "hint": hint})
+        emb = self.time_embed(timestep_features(timesteps))
+        h = self.input_blocks[0](x, emb, context) + self.input_hint_block(hint)
+        context_bias = torch.tanh(context.mean((1, 2)))[:, None, None, None]
+        return [self.zero_convs[0](h), self.middle_block_out(h) * context_bias]
+
+
+def controlnet_state_dict(seed: int = 11, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    """A random-weight TinyControlNet as a cldm file's tensors (`control_model.` prefix)."""
+    torch.manual_seed(seed)
+    model = TinyControlNet()
+    return {f"control_model.{k}": v.detach() * (scale if "zero_convs" in k or "middle_block_out" in k else 1.0)
+            for k, v in model.state_dict().items()}
 
 
 class TinyTextModel(nn.Module):

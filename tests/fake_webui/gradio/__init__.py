@@ -89,3 +89,7 @@ class Tabs(Block):
 
 class Tab(Block):  # gradio 3.41 and 4: Tab = TabItem(label, ...)
     pass
+
+
+class Image(Block):
+    pass

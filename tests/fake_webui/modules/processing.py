@@ -44,6 +44,7 @@ class StableDiffusionProcessing:
     hr_sampler_name: str | None = None
     denoising_strength: float = 0.6
     init_latent: Any = None
+    init_images: list | None = None  # img2img (StableDiffusionProcessingImg2Img)
     mask: Any = None
     nmask: Any = None
     is_hr_pass: bool = False

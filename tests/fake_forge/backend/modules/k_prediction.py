@@ -32,6 +32,19 @@ class Prediction(torch.nn.Module):
         w = ((lo - sigma.log()) / (lo - hi)).clamp(0, 1)
         return (1 - w) * low + w * (low + 1)
 
+    def sigma(self, timestep):
+        t = timestep.float().clamp(0, self.log_sigmas.shape[0] - 1)
+        low, w = t.floor().long(), t.frac()
+        high = (low + 1).clamp(max=self.log_sigmas.shape[0] - 1)
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
+    def percent_to_sigma(self, percent):
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        return self.sigma(torch.tensor((1.0 - percent) * 999.0)).item()
+
     def calculate_input(self, sigma, x):
         return x if self.prediction_type == "const" else x / (sigma**2 + 1) ** 0.5
 

@@ -25,8 +25,16 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
         c = {k: torch.cat([d[k] for d in conds]) for k in conds[0]}
         transformer_options = dict(model_options.get("transformer_options", {}))
         transformer_options["cond_or_uncond"] = [r[1] for r in batch]
-        output = model.apply_model(torch.cat([x_in] * len(batch)), torch.cat([timestep] * len(batch)),
-                                   transformer_options=transformer_options, **c).chunk(len(batch))
+        transformer_options["sigmas"] = timestep
+        input_x, timestep_ = torch.cat([x_in] * len(batch)), torch.cat([timestep] * len(batch))
+        control = batch[-1][0].get("control")  # Forge takes the last entry's, as all share the patcher's list
+        if control is not None:
+            pointer = control
+            while pointer is not None:
+                pointer.transformer_options = transformer_options
+                pointer = pointer.previous_controlnet
+            c["control"] = control.get_control(input_x, timestep_, dict(c), len(batch))
+        output = model.apply_model(input_x, timestep_, transformer_options=transformer_options, **c).chunk(len(batch))
         for (entry, kind), out in zip(batch, output, strict=True):
             mult = entry.get("strength", 1.0)
             if kind == 0:
@@ -58,14 +66,25 @@ def sampling_function(self, denoiser_params, cond_scale, cond_composition):
     unet_patcher = self.inner_model.inner_model.forge_objects.unet
     uncond = compile_conditions(denoiser_params.text_uncond)
     cond = compile_weighted_conditions(denoiser_params.text_cond, cond_composition)
+    control = unet_patcher.controlnet_linked_list
+    if control is not None:
+        for h in cond + (uncond or []):
+            h["control"] = control
     return sampling_function_inner(unet_patcher.model, denoiser_params.x, denoiser_params.sigma, uncond, cond,
                                    cond_scale, unet_patcher.model_options, return_full=True)
 
 
 def sampling_prepare(unet, x):  # the real one also estimates the target's own activations from x
-    memory_management.load_models_gpu(models=[unet] + unet.extra_model_patchers_during_sampling,
+    extra = list(unet.extra_model_patchers_during_sampling)
+    if unet.controlnet_linked_list is not None:
+        extra += unet.controlnet_linked_list.get_models()
+    memory_management.load_models_gpu(models=[unet] + extra,
                                       hard_memory_preservation=unet.extra_preserved_memory_during_sampling)
+    real_model = unet.model
+    for cnet in unet.list_controlnets():
+        cnet.pre_run(real_model, lambda p: real_model.predictor.percent_to_sigma(p))
 
 
 def sampling_cleanup(unet):
-    pass
+    for cnet in unet.list_controlnets():
+        cnet.cleanup()

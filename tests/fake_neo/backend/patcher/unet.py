@@ -21,3 +21,14 @@ class UnetPatcher(ModelPatcher):
 
     def add_extra_model_patcher_during_sampling(self, model_patcher):
         self.extra_model_patchers_during_sampling.append(model_patcher)
+
+    def add_patched_controlnet(self, cnet):
+        cnet.set_previous_controlnet(self.controlnet_linked_list)
+        self.controlnet_linked_list = cnet
+
+    def list_controlnets(self):
+        results, pointer = [], self.controlnet_linked_list
+        while pointer is not None:
+            results.append(pointer)
+            pointer = pointer.previous_controlnet
+        return results

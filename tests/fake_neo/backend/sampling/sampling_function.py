@@ -28,6 +28,10 @@ def sampling_function(self, denoiser_params, cond_scale, cond_composition, extra
     unet_patcher = self.inner_model.inner_model.forge_objects.unet
     uncond = compile_conditions(denoiser_params.text_uncond)
     cond = compile_weighted_conditions(denoiser_params.text_cond, cond_composition)
+    control = unet_patcher.controlnet_linked_list
+    if control is not None:
+        for h in cond + (uncond or []):
+            h["control"] = control
     model_options = {**unet_patcher.model_options, **(extra_model_options or {})}
     return sampling_function_inner(unet_patcher.model, denoiser_params.x, denoiser_params.sigma, uncond, cond,
                                    cond_scale, model_options, return_full=True)
@@ -35,9 +39,15 @@ def sampling_function(self, denoiser_params, cond_scale, cond_composition, extra
 
 def sampling_prepare(unet, x):  # Neo adds the target's own estimate from x to both amounts
     extra = unet.extra_preserved_memory_during_sampling
-    memory_management.load_models_gpu(models=[unet] + unet.extra_model_patchers_during_sampling,
+    nets = unet.controlnet_linked_list.get_models() if unet.controlnet_linked_list is not None else []
+    memory_management.load_models_gpu(models=[unet] + unet.extra_model_patchers_during_sampling + nets,
                                       memory_required=extra, minimum_memory_required=extra)
+    real_model = unet.model
+    for cnet in unet.list_controlnets():
+        cnet.pre_run(real_model, lambda p: real_model.predictor.percent_to_sigma(p))
 
 
 def sampling_cleanup(unet):
+    for cnet in unet.list_controlnets():
+        cnet.cleanup()
     memory_management.soft_empty_cache()

@@ -1,0 +1,190 @@
+"""A ControlNet on the adapted source through the host's own ControlNet (fake Forge and Neo backends
+with Forge's ControlNet signatures): the weight-0 identity, what the ControlNet sees, and that the
+target and the user's own ControlNet units are left as they were."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from test_a1111_lifecycle import lora_ds, write_lora
+from test_units_hosts import generate
+from tinyldm import controlnet_state_dict
+
+from lib_delta.spec import DeltaSettings
+
+
+@pytest.fixture(params=["forge", "neo"])
+def host(request):
+    host = request.getfixturevalue(request.param)
+    from modules import paths
+
+    paths.models_path = str(host.tmp / "models")
+    folder = host.tmp / "models" / "ControlNet"
+    folder.mkdir(parents=True)
+    safetensors.torch.save_file(controlnet_state_dict(), str(folder / "control_sd15_canny.safetensors"))
+    return host
+
+
+def picture(seed: int, size: int = 64) -> np.ndarray:
+    """Random rectangles: an image with edges for canny."""
+    g = np.random.default_rng(seed)
+    image = np.zeros((size, size, 3), np.uint8)
+    for _ in range(4):
+        x0, y0 = g.integers(0, size - 16, 2)
+        image[y0 : y0 + 16, x0 : x0 + 16] = g.integers(0, 255, 3)
+    return image
+
+
+def controlled(image=None, **kw) -> DeltaSettings:
+    image = picture(1) if image is None else image
+    return lora_ds(strength=1.5).replace(control_model="control_sd15_canny", control_image=image, **kw)
+
+
+def test_a_controlnet_at_weight_zero_is_bit_identical_to_none(host):
+    write_lora(host)
+    without, _, _ = generate(host, [lora_ds(strength=1.5)])
+    zero, _, processed = generate(host, [controlled(control_weight=0.0)])
+    assert torch.equal(without, zero)
+    assert "cn=control_sd15_canny" in processed.infotexts[0]["Delta Sampling"]
+
+
+def test_a_controlnet_changes_the_delta_and_follows_the_control_image(host):
+    write_lora(host)
+    without, _, _ = generate(host, [lora_ds(strength=1.5)])
+    one, _, _ = generate(host, [controlled(picture(1))])
+    other, _, _ = generate(host, [controlled(picture(2))])
+    again, _, _ = generate(host, [controlled(picture(1))])
+    assert (one - without).abs().mean() > 1e-4 and (other - one).abs().mean() > 1e-5
+    assert torch.equal(one, again)
+
+
+def test_the_controlnet_sees_the_sources_sigma_and_conds(host, monkeypatch):
+    """Every controlled forward is the source's: the ControlNet gets that forward's own prompt encoding and
+    the source predictor's timestep of its sigma; the target's forwards carry no control."""
+    from backend.modules.k_model import KModel
+
+    write_lora(host)
+    seen = []
+    original = KModel.apply_model
+
+    def spy(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):  # noqa: B006
+        call = None
+        if control is not None:  # get_control ran just before this forward
+            source = next(iter(host.generation.CACHE.entries.values()))
+            call = next(iter(source.controlnets.values())).control_model.calls[-1]
+        seen.append((self, control is not None, c_crossattn, t, call))
+        return original(self, x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+    monkeypatch.setattr(KModel, "apply_model", spy)
+    generate(host, [controlled().replace(source="sd15_b")])
+    target = host.shared.sd_model.forge_objects.unet.model
+    controlled_calls = [s for s in seen if s[1]]
+    assert controlled_calls and all(s[0] is not target for s in controlled_calls)
+    assert all(not s[1] for s in seen if s[0] is target)
+    for model, _, context, t, call in controlled_calls:
+        assert torch.equal(call["context"], context)
+        torch.testing.assert_close(call["timesteps"], model.predictor.timestep(t).float())
+
+
+class UsersControlNet:
+    """What Forge's ControlNet script does for a user's unit: in process_before_every_sampling, a clone of
+    the target's UNet patcher with the ControlNet becomes the target's UNet for this pass."""
+
+    def __init__(self, net) -> None:
+        self.net, self.installed = net, []
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        from backend.patcher.controlnet import apply_controlnet_advanced
+
+        hint = torch.from_numpy(picture(9)).float().div(255).permute(2, 0, 1)[None]
+        objects = p.sd_model.forge_objects
+        objects.unet = apply_controlnet_advanced(unet=objects.unet, controlnet=self.net, image_bchw=hint,
+                                                 strength=1.0, start_percent=0.0, end_percent=1.0)
+        self.installed.append(objects.unet)
+
+    def __getattr__(self, name):  # the other script hooks: nothing
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("users_first", [True, False])
+def test_the_target_and_the_users_own_controlnet_are_left_as_they_were(host, users_first):
+    """A user's ControlNet unit on the target keeps acting on it alone, in either script order: DS never
+    adds to it, and DS's own ControlNet is cleaned up after the run."""
+    from modules_forge.supported_controlnet import ControlNetPatcher
+
+    write_lora(host)
+    user = UsersControlNet(ControlNetPatcher.try_build_from_state_dict(controlnet_state_dict(seed=5), "u.pth").model_patcher)
+    calls = user.net.control_model.calls
+
+    def run(units):
+        scripts = [user, host.script] if users_first else [host.script, user]
+        flat = [v for u in units for v in u.to_args()] + DeltaSettings().to_args() * (3 - len(units))
+        p = host.processing.StableDiffusionProcessing(prompt="a red fox in snow", negative_prompt="blurry",
+                                                      scripts=scripts, script_args=tuple(flat), steps=4)
+        return torch.cat(host.processing.process_images(p).samples)
+
+    plain, _, _ = generate(host)
+    users_only = run([])
+    assert not torch.equal(plain, users_only) and len(calls) > 0  # the user's ControlNet acts on the target
+    n = len(calls)
+    with_ds_off = run([controlled(strength=0.0)])
+    assert torch.equal(users_only, with_ds_off) and len(calls) > n
+    run([controlled()])
+    for unet in user.installed:  # DS never joins the user's list
+        assert unet.list_controlnets() == [unet.controlnet_linked_list]
+        assert unet.controlnet_linked_list.previous_controlnet is None
+    source = next(iter(host.generation.CACHE.entries.values()))
+    assert source.control_unet is None and source.unet.controlnet_linked_list is None
+    ds_net = next(iter(source.controlnets.values()))
+    assert ds_net.timestep_range is None and ds_net.cond_hint is None  # the loaded one, never run itself
+
+
+def test_the_img2img_input_is_the_control_image_when_the_panel_has_none(host):
+    from PIL import Image
+
+    write_lora(host)
+    with pytest.raises(Exception, match="DS ControlNet needs a control image"):
+        generate(host, [controlled().replace(control_image=None)])
+    from_panel, _, _ = generate(host, [controlled(picture(3))])
+    from_init, _, _ = generate(host, [controlled().replace(control_image=None)],
+                               init_images=[Image.fromarray(picture(3))])
+    assert torch.equal(from_panel, from_init)
+    buffer = io.BytesIO()
+    Image.fromarray(picture(3)).save(buffer, format="PNG")
+    from_api, _, _ = generate(host, [controlled(base64.b64encode(buffer.getvalue()).decode())])
+    assert torch.equal(from_panel, from_api)
+
+
+def test_a_missing_or_wrong_controlnet_file_is_a_clear_error(host):
+    write_lora(host)
+    with pytest.raises(Exception, match="ControlNet 'nope' was not found"):
+        generate(host, [controlled().replace(control_model="nope")])
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(host.tmp / "models" / "ControlNet" / "junk.safetensors"))
+    with pytest.raises(Exception, match="'junk.safetensors' is not a ControlNet"):
+        generate(host, [controlled().replace(control_model="junk")])
+
+
+def test_releasing_the_source_releases_its_controlnet(host):
+    write_lora(host)
+    generate(host, [controlled()])
+    source = next(iter(host.generation.CACHE.entries.values()))
+    net = next(iter(source.controlnets.values())).control_model_wrapped.model
+    host.generation.free_sources()
+    assert source.controlnets == {}
+    assert all(getattr(getattr(m, "model", None), "model", None) is not net for m in host.memory.current_loaded_models)
+
+
+def test_a1111_without_a_controlnet_says_what_it_needs(webui):
+    from modules import paths
+
+    paths.models_path = str(webui.tmp / "models")
+    write_lora(webui)
+    (webui.tmp / "models" / "ControlNet").mkdir(parents=True)
+    safetensors.torch.save_file(controlnet_state_dict(), str(webui.tmp / "models" / "ControlNet" / "cn.safetensors"))
+    with pytest.raises(Exception, match="ControlNet on the DS source needs Forge or Forge Neo"):
+        generate(webui, [lora_ds().replace(control_model="cn", control_image=picture(1))])
