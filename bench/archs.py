@@ -80,6 +80,31 @@ def build(name: str, seed: int, device: torch.device, dtype: torch.dtype, calls:
     return Model(name, unet, denoiser, calls)
 
 
+def with_controlnet(model: Model, seed: int) -> Model:
+    """The same UNet behind a ControlNet (diffusers' ControlNetModel copied from it, random zero convs) with a
+    random control image: the adapted branch of a source-side ControlNet. Shares `calls` with the model."""
+    from diffusers import ControlNetModel
+
+    unet = model.unet
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet).to(unet.device, unet.dtype).eval().requires_grad_(False)
+    for name, param in net.named_parameters():
+        if "zero_conv" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+            param.data.normal_(0, 0.01)
+
+    def eps(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        hint = torch.rand(1, 3, x.shape[-2] * 8, x.shape[-1] * 8, generator=torch.Generator().manual_seed(seed))
+        hint = hint.to(x.device, unet.dtype).expand(x.shape[0], -1, -1, -1)
+        down, mid = net(x.to(unet.dtype), t, encoder_hidden_states=cond["crossattn"], controlnet_cond=hint,
+                        return_dict=False)
+        out = unet(x.to(unet.dtype), t, encoder_hidden_states=cond["crossattn"],
+                   down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        return out.sample.to(x.dtype)
+
+    denoiser = external.DiscreteEpsDDPMDenoiser(_Callable(eps), alphas_cumprod().to(unet.device), quantize=True)
+    return Model(f"{model.name}+ControlNet", unet, denoiser, model.calls)
+
+
 class _Callable(torch.nn.Module):
     """k-diffusion's denoiser wraps an nn.Module; this one holds the eps function."""
 
@@ -104,8 +129,10 @@ def lora_state_dict(unet: torch.nn.Module, rank: int, seed: int) -> dict[str, to
     return sd
 
 
-def meta_flops_per_row(name: str, side: int) -> int:
-    """FLOPs of one row at a latent side, counted on the meta device: real sizes without the memory."""
+def meta_flops_per_row(name: str, side: int, controlnet: bool = False) -> int:
+    """FLOPs of one row at a latent side, counted on the meta device: real sizes without the memory.
+    `controlnet`: the ControlNet's own FLOPs (diffusers' ControlNetModel of that UNet) instead."""
+    from diffusers import ControlNetModel
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -114,8 +141,13 @@ def meta_flops_per_row(name: str, side: int) -> int:
         if unet.config.addition_embed_type == "text_time":
             extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, 1280), "time_ids": torch.zeros(1, 6)}}
         context = torch.zeros(1, 77, unet.config.cross_attention_dim)
+        x, t = torch.zeros(1, 4, side, side), torch.tensor([500])
         with FlopCounterMode(display=False) as counter:
-            unet(torch.zeros(1, 4, side, side), torch.tensor([500]), encoder_hidden_states=context, **extra)
+            if controlnet:
+                ControlNetModel.from_unet(unet)(x, t, encoder_hidden_states=context,
+                                                controlnet_cond=torch.zeros(1, 3, 8 * side, 8 * side), **extra)
+            else:
+                unet(x, t, encoder_hidden_states=context, **extra)
     return counter.get_total_flops()
 
 

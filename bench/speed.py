@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from archs import Model, build, flops_per_row, lora_state_dict, meta_flops_per_row  # noqa: E402
+from archs import Model, build, flops_per_row, lora_state_dict, meta_flops_per_row, with_controlnet  # noqa: E402
 from k_diffusion import sampling  # noqa: E402
 
 from lib_delta import latent  # noqa: E402
@@ -50,7 +50,8 @@ class Row:
     settings: DeltaSettings | None  # None: plain
     plain: str  # label of this group's plain row
     toy: str = ""  # the toy's name for this mode (error column)
-    load: str = ""  # "": the prebuilt pair; "cold": load it from files each run; "cached": from the source cache
+    load: str = ""  # "": the prebuilt pair; "cold": load it from files each run; "cached": from the source cache;
+    # "control": the pair with a ControlNet on the adapted side
     times: list[float] = dataclasses.field(default_factory=list)
     flops: float = 0.0
     peak: float = 0.0
@@ -65,11 +66,17 @@ def custom(**kw) -> DeltaSettings:
     return ds(speed="custom", **knobs)
 
 
-def pair_for(source: Model, adapter: LoraAdapter, fmt: latent.LatentFormat, batch: int) -> CfgSourcePair:
+def pair_for(source: Model, adapter: LoraAdapter, fmt: latent.LatentFormat, batch: int,
+             controlled: Model | None = None) -> CfgSourcePair:
+    """Base and base + LoRA; with `controlled` (the source behind a ControlNet), the adapted side runs through
+    it too, as DS runs a source-side ControlNet: separate passes, the ControlNet on the adapted rows only."""
     c, u = source.conds(batch, 1), source.conds(batch, 2)
     conds_list = [[(i, 1.0)] for i in range(batch)]
     base = Branch(source.model_fn, lambda step: (conds_list, c, u))
-    adapted = Branch(source.model_fn, lambda step: (conds_list, c, u), adapter.enabled, adapter.rows)
+    if controlled is not None:
+        adapted = Branch(controlled.model_fn, lambda step: (conds_list, c, u), adapter.enabled)
+    else:
+        adapted = Branch(source.model_fn, lambda step: (conds_list, c, u), adapter.enabled, adapter.rows)
     return CfgSourcePair(fmt, base, adapted, CFG)
 
 
@@ -194,6 +201,7 @@ def main() -> None:
         Row("DS exact (batched pair)", sd15_target, ds(), "plain SD1.5", "exact"),
         Row("DS exact, first run (loads the pair)", sd15_target, ds(), "plain SD1.5", "exact", load="cold"),
         Row("DS exact, second run (cached pair)", sd15_target, ds(), "plain SD1.5", "exact", load="cached"),
+        Row("DS exact + ControlNet on the adapted source", sd15_target, ds(), "plain SD1.5", load="control"),
         Row("cond-only delta", sd15_target, custom(cond_only=True), "plain SD1.5", "custom: cond_only=True"),
         Row("delta every 2 calls", sd15_target, custom(reuse=2.0), "plain SD1.5", "custom: reuse=2"),
         Row("preset balanced", sd15_target, ds(speed="balanced"), "plain SD1.5", "balanced"),
@@ -201,6 +209,9 @@ def main() -> None:
     ]
     groups = {"plain SD1.5": (size, latent.SD1)}
     models = {"SD1.5": sd15_target}
+    if any(r.load == "control" for r in rows):
+        controlled = models["SD1.5+ControlNet"] = with_controlnet(sd15_source, 5)
+        control_pair = pair_for(sd15_source, adapter, source_fmt, args.batch, controlled)
     if "xl" in args.groups:
         xl = models["SDXL"] = build("SDXL", 4, device, dtype, calls)
         rows += [
@@ -216,7 +227,7 @@ def main() -> None:
 
     folder = tempfile.TemporaryDirectory(prefix="ds-bench-")
     files = SourceFiles(sd15_source, lora, source_fmt, args.batch,
-                        calls, Path(folder.name)) if any(r.load for r in rows) else None
+                        calls, Path(folder.name)) if any(r.load in ("cold", "cached") for r in rows) else None
     flop_cache: dict = {}
     for i in range(args.repeats + 1):  # the first pass warms up and counts FLOPs and memory
         for row in rows:
@@ -224,7 +235,8 @@ def main() -> None:
             calls.clear()
             with PeakMemory(device) as mem:
                 start = time.perf_counter()
-                row_pair = files.pair(cold=row.load == "cold") if row.load else pair
+                row_pair = control_pair if row.load == "control" else \
+                    files.pair(cold=row.load == "cold") if row.load else pair
                 sample(row, row_pair if row.settings else None, fmt, side, args.steps, args.batch, device)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -243,9 +255,12 @@ def real_size_floors() -> None:
     """SD1.5 -> SDXL at 1024 px: FLOPs per step over plain SDXL, from rows per step of each mode (target 2;
     the pair 4, 2 with cond-only; halved by delta every 2 calls; at 512 px with a native-size source)."""
     xl, sd15_1024, sd15_512 = (meta_flops_per_row(n, side) for n, side in (("SDXL", 128), ("SD1.5", 128), ("SD1.5", 64)))
-    print(f"per row: SDXL 1024 px {xl / 1e12:.2f} TFLOP, SD1.5 1024 px {sd15_1024 / 1e12:.2f}, 512 px {sd15_512 / 1e12:.2f}")
+    cn_1024 = meta_flops_per_row("SD1.5", 128, controlnet=True)
+    print(f"per row: SDXL 1024 px {xl / 1e12:.2f} TFLOP, SD1.5 1024 px {sd15_1024 / 1e12:.2f}, 512 px {sd15_512 / 1e12:.2f}, "
+          f"SD1.5 ControlNet 1024 px {cn_1024 / 1e12:.2f} ({cn_1024 / sd15_1024:.2f} of its UNet)")
     modes = {"exact": 4 * sd15_1024, "native-size source": 4 * sd15_512, "cond-only": 2 * sd15_1024,
-             "balanced (delta every 2)": 2 * sd15_1024, "fast (cond-only, every 2, native size)": sd15_512}
+             "balanced (delta every 2)": 2 * sd15_1024, "fast (cond-only, every 2, native size)": sd15_512,
+             "exact + SD1.5 ControlNet on the adapted rows": 4 * sd15_1024 + 2 * cn_1024}
     print("| SD1.5 -> SDXL, 1024 px | FLOP floor |\n|---|---|")
     for name, source in modes.items():
         print(f"| {name} | {(2 * xl + source) / (2 * xl):.2f} |")
