@@ -36,19 +36,33 @@ def start(p: Any, settings: list[DeltaSettings]) -> None:
 
 def begin_pass(p: Any) -> None:
     """Script.process_before_every_sampling: build this pass's run and guard the sampler."""
-    state = generation.begin_pass(p, lambda state: ACTIVE.clear())
+    state = generation.begin_pass(p, end_pass)
     if state is None:
         return
     try:
         state.target = shared.sd_model
         state.run = generation.build_runs(p, state, models.target_format(shared.sd_model),
                                           generation.model_title(shared.sd_model), alphas_cumprod=_timestep_alphas(p))
+        for unit in state.units:
+            if unit.control is not None:  # sd-webui-controlnet's hook on the source UNet, for this pass
+                unit.control.begin_pass(p)
     except Exception as e:
         fail(state, as_delta_error(e))
 
 
+def end_pass(state: Prepared) -> None:
+    """After every sampler call and before the next pass: unhook the sources' ControlNets."""
+    ACTIVE.clear()
+    for unit in state.units:
+        if unit.control is not None:
+            unit.control.end_pass()
+
+
 def finish(p: Any) -> None:
     """Script.postprocess: drop per-generation state (cached models stay, by design)."""
+    state: Prepared | None = getattr(p, STATE_ATTR, None)
+    if state is not None:
+        end_pass(state)
     setattr(p, STATE_ATTR, None)
     ACTIVE.clear()
 

@@ -48,6 +48,7 @@ class SourceModel:
     denoiser: torch.nn.Module
     latent_format: latent.LatentFormat
     adapters: dict[tuple, LoraAdapter] = field(default_factory=dict)
+    controlnets: dict[tuple, Any] = field(default_factory=dict)  # sd-webui-controlnet models this generation uses
     on_device: bool = False
 
     @property
@@ -97,6 +98,17 @@ class SourceModel:
             return LoraAdapter.stack(parts)
 
         return keep_only(self.adapters, [lora_key(stack) for stack in stacks], stacks, load)
+
+    def controls_for(self, requests: list[tuple]) -> list[Any]:
+        """One ControlNet per (file, hint, weight, start, end, native), through sd-webui-controlnet; keeps only
+        these files loaded."""
+        from . import a1111_control
+
+        a1111_control.extension()  # a clear message before anything loads
+        keys = [lora_key(((r[0], 1.0),)) for r in requests]
+        built = keep_only(self.controlnets, keys, [r[0] for r in requests], lambda filename: a1111_control.load_controlnet(
+            filename, self.model.model.diffusion_model, devices.device, devices.dtype_unet))
+        return [a1111_control.A1111Control(self, b, *r[1:]) for b, r in zip(built, requests, strict=True)]
 
     def to_device(self) -> None:
         """Ready to run (policy: memory.MemoryPolicy): the UNet on the device, text encoders on the CPU;
@@ -279,6 +291,9 @@ def _denoiser(model: torch.nn.Module) -> torch.nn.Module:
 def release(source: SourceModel) -> None:
     """Drop a source model's weights so the memory really comes back."""
     source.adapters.clear()
+    for built in source.controlnets.values():
+        built.model.to("meta")
+    source.controlnets.clear()
     source.model.to("meta")
     source.model = source.denoiser = None  # type: ignore[assignment]
     gc.collect()

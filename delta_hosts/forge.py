@@ -75,7 +75,7 @@ def begin_pass(p: Any) -> None:
         state.host["patch"] = (objects, original, patched)
         for unit in state.units:
             if unit.control is not None:  # the host's sampling_prepare does this for the target only
-                unit.control.begin_pass()
+                unit.control.begin_pass(p)
     except Exception as e:
         fail(state, as_delta_error(e))
 

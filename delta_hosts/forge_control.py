@@ -33,7 +33,7 @@ class ForgeControl:
         """The ControlNet's weights, loaded by the host's memory manager with the target and the source."""
         return list(self.unet.controlnet_linked_list.get_models())
 
-    def begin_pass(self) -> None:
+    def begin_pass(self, p: Any) -> None:
         model = self.unet.model
         for cnet in self.unet.list_controlnets():
             cnet.pre_run(model, lambda percent: model.predictor.percent_to_sigma(percent))
@@ -64,8 +64,10 @@ def load_controlnet(filename: str, source_title: str) -> Any:
     return patcher.model_patcher
 
 
-def attach(source: Any, controlnet: Any, hint: torch.Tensor, weight: float, start: float, end: float) -> ForgeControl:
-    """A clone of the source's UNet patcher with the ControlNet and its hint (the host's own call)."""
+def attach(source: Any, controlnet: Any, hint: torch.Tensor, weight: float, start: float, end: float,
+           native: bool = False) -> ForgeControl:
+    """A clone of the source's UNet patcher with the ControlNet and its hint (the host's own call; it resizes
+    the hint to whatever size the source runs at, so `native` needs nothing here)."""
     clone = apply_controlnet_advanced(unet=source.unet, controlnet=controlnet, image_bchw=hint, strength=weight,
                                       start_percent=start, end_percent=end)
     return ForgeControl(source, clone)

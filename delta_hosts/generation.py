@@ -223,10 +223,10 @@ def attach_controls(p: Any, units: list[Unit]) -> None:
         with naming(unit):
             model = unit.adapted or unit.source
             if not hasattr(model, "controls_for"):
-                raise DeltaError("Delta Sampling: a ControlNet on the DS source needs Forge or Forge Neo in this "
-                                 "version; this WebUI has no ControlNet DS can drive.")
+                raise DeltaError("Delta Sampling: a ControlNet on the DS source needs Forge, Forge Neo, or A1111 "
+                                 "with sd-webui-controlnet; reForge and Forge Classic are not supported yet.")
             request = (control.find_controlnet(s.control_model), control.hint(p, s), s.control_weight,
-                       s.control_start, s.control_end)
+                       s.control_start, s.control_end, bool(s.knob("native_size")))
         entry = by_model.setdefault(id(model), (model, [], []))
         entry[1].append(unit)
         entry[2].append(request)

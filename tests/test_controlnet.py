@@ -5,7 +5,13 @@ target and the user's own ControlNet units are left as they were."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import importlib
 import io
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,17 +23,41 @@ from tinyldm import controlnet_state_dict
 
 from lib_delta.spec import DeltaSettings
 
+FAKE_CONTROLNET_EXTENSION = Path(__file__).parent / "fake_sd_webui_controlnet" / "scripts"
 
-@pytest.fixture(params=["forge", "neo"])
+
+@contextlib.contextmanager
+def controlnet_extension() -> Iterator[None]:
+    """sd-webui-controlnet loaded into the fake A1111: its `scripts` package importable as `scripts.*`."""
+    saved = {k: v for k, v in sys.modules.items() if k == "scripts" or k.startswith("scripts.")}
+    package = types.ModuleType("scripts")
+    package.__path__ = [str(FAKE_CONTROLNET_EXTENSION)]
+    sys.modules["scripts"] = package
+    try:
+        for name in ("enums", "hook", "controlnet_model_guess"):
+            importlib.import_module(f"scripts.{name}")
+        yield
+    finally:
+        for key in [k for k in sys.modules if k == "scripts" or k.startswith("scripts.")]:
+            del sys.modules[key]
+        sys.modules.update(saved)
+
+
+@pytest.fixture(params=["forge", "neo", "a1111"])
 def host(request):
-    host = request.getfixturevalue(request.param)
+    host = request.getfixturevalue("webui" if request.param == "a1111" else request.param)
     from modules import paths
 
     paths.models_path = str(host.tmp / "models")
     folder = host.tmp / "models" / "ControlNet"
     folder.mkdir(parents=True)
     safetensors.torch.save_file(controlnet_state_dict(), str(folder / "control_sd15_canny.safetensors"))
-    return host
+    host.kind = request.param
+    if request.param != "a1111":
+        yield host
+        return
+    with controlnet_extension():
+        yield host
 
 
 def picture(seed: int, size: int = 64) -> np.ndarray:
@@ -63,9 +93,15 @@ def test_a_controlnet_changes_the_delta_and_follows_the_control_image(host):
     assert torch.equal(one, again)
 
 
+def forge_only(host) -> None:
+    if host.kind == "a1111":
+        pytest.skip("Forge's ControlNet objects (A1111 has its own test below)")
+
+
 def test_the_controlnet_sees_the_sources_sigma_and_conds(host, monkeypatch):
     """Every controlled forward is the source's: the ControlNet gets that forward's own prompt encoding and
     the source predictor's timestep of its sigma; the target's forwards carry no control."""
+    forge_only(host)
     from backend.modules.k_model import KModel
 
     write_lora(host)
@@ -115,6 +151,7 @@ class UsersControlNet:
 def test_the_target_and_the_users_own_controlnet_are_left_as_they_were(host, users_first):
     """A user's ControlNet unit on the target keeps acting on it alone, in either script order: DS never
     adds to it, and DS's own ControlNet is cleaned up after the run."""
+    forge_only(host)
     from modules_forge.supported_controlnet import ControlNetPatcher
 
     write_lora(host)
@@ -172,19 +209,69 @@ def test_a_missing_or_wrong_controlnet_file_is_a_clear_error(host):
 def test_releasing_the_source_releases_its_controlnet(host):
     write_lora(host)
     generate(host, [controlled()])
-    source = next(iter(host.generation.CACHE.entries.values()))
+    cache = (host.a1111 if host.kind == "a1111" else host.generation).CACHE
+    source = next(iter(cache.entries.values()))
+    if host.kind == "a1111":
+        net = next(iter(source.controlnets.values())).model
+        host.a1111.CACHE.clear()
+        assert source.controlnets == {} and all(p.is_meta for p in net.parameters())
+        return
     net = next(iter(source.controlnets.values())).control_model_wrapped.model
     host.generation.free_sources()
     assert source.controlnets == {}
     assert all(getattr(getattr(m, "model", None), "model", None) is not net for m in host.memory.current_loaded_models)
 
 
-def test_a1111_without_a_controlnet_says_what_it_needs(webui):
+def test_a1111_without_sd_webui_controlnet_says_what_to_install(webui):
     from modules import paths
 
     paths.models_path = str(webui.tmp / "models")
     write_lora(webui)
     (webui.tmp / "models" / "ControlNet").mkdir(parents=True)
     safetensors.torch.save_file(controlnet_state_dict(), str(webui.tmp / "models" / "ControlNet" / "cn.safetensors"))
-    with pytest.raises(Exception, match="ControlNet on the DS source needs Forge or Forge Neo"):
+    with pytest.raises(Exception, match="needs the sd-webui-controlnet extension on A1111"):
         generate(webui, [lora_ds().replace(control_model="cn", control_image=picture(1))])
+
+
+def test_a1111_the_controlnet_runs_on_the_adapted_source_only_and_is_unhooked_after(webui):
+    """sd-webui-controlnet's hook on the source UNet: the ControlNet runs on the adapted forwards only, with
+    that forward's own input and prompts; afterwards the source UNet, p.sample and the callbacks are as
+    before, and a user's own hook on the target keeps acting alone."""
+    from modules import paths
+
+    paths.models_path = str(webui.tmp / "models")
+    (webui.tmp / "models" / "ControlNet").mkdir(parents=True)
+    safetensors.torch.save_file(controlnet_state_dict(), str(webui.tmp / "models" / "ControlNet" / "cn.safetensors"))
+    write_lora(webui)
+    with controlnet_extension():
+        hook_module = sys.modules["scripts.hook"]
+        guess = sys.modules["scripts.controlnet_model_guess"]
+        user = guess.build_model_by_guess(controlnet_state_dict(seed=5), None, "user.pth")
+        target_unet = webui.shared.sd_model.model.diffusion_model
+        user_param = hook_module.ControlParams(
+            control_model=user.model, preprocessor={"name": "none"}, hint_cond=torch.rand(1, 3, 32, 32),
+            weight=1.0, guidance_stopped=False, start_guidance_percent=0.0, stop_guidance_percent=1.0,
+            advanced_weighting=None, control_model_type=user.type, hr_hint_cond=None, global_average_pooling=False,
+            soft_injection=False, cfg_injection=False)
+        plain, _, _ = generate(webui)
+        user_hook = hook_module.UnetHook()
+        user_hook.hook(target_unet, webui.shared.sd_model, [user_param], types.SimpleNamespace(sample=None))
+        users_only, _, _ = generate(webui)
+        callbacks = {k: list(v) for k, v in webui.callbacks.callback_map.items()}
+        settings = lora_ds(strength=1.5).replace(control_model="cn", control_image=picture(1))
+        with_ds_off, _, _ = generate(webui, [settings.replace(strength=0.0)])
+        source = next(iter(webui.a1111.CACHE.entries.values()))
+        net = next(iter(source.controlnets.values())).model
+        source_unet = source.model.model.diffusion_model
+        net.calls.clear()
+        on, p, _ = generate(webui, [settings])
+        after = {k: list(v) for k, v in webui.callbacks.callback_map.items()}
+        assert target_unet._original_forward is not None  # the user's hook is still on the target
+        user_hook.restore()
+    assert not torch.equal(plain, users_only) and torch.equal(users_only, with_ds_off)
+    assert not torch.equal(on, users_only)
+    assert len(net.calls) == 4  # Euler, 4 steps: one adapted forward per step (its cond and uncond rows)
+    assert all(call["context"].shape[0] == 2 for call in net.calls)  # never the base branch's rows too
+    assert "forward" not in source_unet.__dict__ and not hasattr(source_unet, "_original_forward")
+    assert after == callbacks  # DS's guidance schedule is gone again; the user's stays
+    assert "sample" not in vars(p.sampler) or not hasattr(p, "sample_before_CN_hack")

@@ -106,3 +106,8 @@ def on_infotext_pasted(callback, *, name=None):
 
 def clear_callbacks():
     callback_map.clear()
+
+
+def remove_callbacks_for_function(callback_func):
+    for callbacks in callback_map.values():
+        callbacks[:] = [c for c in callbacks if c.callback != callback_func]

@@ -1,0 +1,20 @@
+"""scripts/controlnet_model_guess.py: build_model_by_guess for cldm files (`control_model.` stripped)."""
+
+from typing import NamedTuple
+
+from scripts.enums import ControlModelType
+from tinyldm import TinyControlNet
+
+
+class ControlModel(NamedTuple):
+    model: object
+    type: ControlModelType
+
+
+def build_model_by_guess(state_dict, unet, model_path: str) -> ControlModel:
+    state_dict = {k.replace("control_model.", "", 1): v for k, v in state_dict.items()}
+    if "input_hint_block.0.weight" not in state_dict:
+        raise Exception(f"[ControlNet] Unable to determine the model type of {model_path}")
+    network = TinyControlNet()
+    network.load_state_dict(state_dict, strict=False)  # shape mismatches still raise, as in the real one
+    return ControlModel(network.eval(), ControlModelType.ControlNet)
