@@ -14,8 +14,8 @@ def sd15_controlnet(unet: dict[str, torch.Tensor], seed: int = 0, dtype: torch.d
     `model.diffusion_model.` time_embed / input_blocks / middle_block keys give the encoder copy's shapes."""
     g = torch.Generator().manual_seed(seed)
 
-    def rand(shape: torch.Size, fan_in: int) -> torch.Tensor:
-        return (torch.randn(shape, generator=g) * min(0.05, fan_in**-0.5)).to(dtype)
+    def rand(shape: torch.Size, fan_in: int, std: float | None = None) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * (std or min(0.05, fan_in**-0.5))).to(dtype)
 
     prefix, out = "model.diffusion_model.", {}
     for key, tensor in unet.items():
@@ -24,7 +24,8 @@ def sd15_controlnet(unet: dict[str, torch.Tensor], seed: int = 0, dtype: torch.d
             fan_in = int(tensor[0].numel()) if tensor.ndim > 1 else 1
             out[f"control_model.{name}"] = rand(tensor.shape, fan_in) if tensor.ndim > 1 else tensor.to(dtype).clone()
     for i, (c_in, c_out) in enumerate(zip(HINT_CHANNELS, HINT_CHANNELS[1:], strict=False)):
-        out[f"control_model.input_hint_block.{2 * i}.weight"] = rand((c_out, c_in, 3, 3), c_in * 9)
+        # He-scaled: the map must survive eight convolutions for the control image to matter
+        out[f"control_model.input_hint_block.{2 * i}.weight"] = rand((c_out, c_in, 3, 3), c_in * 9, (2 / (c_in * 9)) ** 0.5)
         out[f"control_model.input_hint_block.{2 * i}.bias"] = torch.zeros(c_out, dtype=dtype)
     for i, c in enumerate(SD15_BLOCK_CHANNELS):  # "zero" convs: small, not zero, so the ControlNet acts
         out[f"control_model.zero_convs.{i}.0.weight"] = rand((c, c, 1, 1), c)
