@@ -218,7 +218,7 @@ def attach_controls(p: Any, units: list[Unit]) -> None:
     by_model: dict[int, tuple[Any, list[Unit], list[tuple]]] = {}
     for unit in units:
         s = unit.settings
-        if not s.control_model:
+        if not s.control_model or s.control_weight == 0.0:  # weight 0 adds nothing: skip its pass
             continue
         with naming(unit):
             model = unit.adapted or unit.source
