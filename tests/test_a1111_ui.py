@@ -193,7 +193,8 @@ def test_xyz_axes_register_once_and_reach_the_script_through_p(webui):
     ds_xyz.register()
     labels = [o.label for o in xyz.axis_options]
     assert labels == ["[DS] Lambda", "[DS] Schedule", "[DS] Source checkpoint", "[DS] Adapter", "[DS] Enabled",
-                      "[DS] Speed", "[DS] Strength mode", "[DS] Cap", "[DS 2] Lambda", "[DS 3] Lambda"]
+                      "[DS] Speed", "[DS] Strength mode", "[DS] Cap", "[DS] ControlNet weight", "[DS 2] Lambda",
+                      "[DS 3] Lambda"]
     axes = {o.label: o for o in xyz.axis_options}
     assert axes["[DS] Source checkpoint"].cost == 1.0 and axes["[DS] Lambda"].cost == 0.0
     assert axes["[DS] Schedule"].choices() == ["constant", "linear", "cosine", "exponential", "sigmoid"]
