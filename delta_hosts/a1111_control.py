@@ -13,7 +13,6 @@ import contextlib
 import os
 import sys
 import types
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from lib_delta import DeltaError, latent, logger
 
 from . import files
+from .generation import temporarily
 from .memory import pass_size
 
 MISSING = ("Delta Sampling: a ControlNet on the DS source needs the sd-webui-controlnet extension on A1111 "
@@ -95,15 +95,11 @@ class A1111Control:
         self.hook = self.hooked = None
         self.unet.__dict__.pop("forward", None)  # the class's forward, as before the pass
 
-    @contextlib.contextmanager
-    def enabled(self) -> Iterator[None]:
+    def enabled(self) -> contextlib.AbstractContextManager[None]:
+        """The hooked forward for the adapted branch; the plain one (`_original_forward`) again after."""
         if self.hooked is None:
             raise DeltaError("Delta Sampling: the source's ControlNet was not set up for this pass.")
-        self.unet.forward = self.hooked
-        try:
-            yield
-        finally:
-            self.unet.forward = self.unet._original_forward
+        return temporarily(self.unet, forward=self.hooked)
 
 
 def _resized(hint: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from lib_delta import DeltaError, latent, logger
 from lib_delta.lora import LoraAdapter
 
 from .files import find_checkpoint, read_weights, split_title  # noqa: F401 - re-exported
-from .generation import encode_prompts, keep_only, loading_source, lora_key, trim_heap
+from .generation import encode_prompts, file_key, keep_only, loading_source, lora_key, temporarily, trim_heap
 from .memory import MemoryPolicy
 
 
@@ -105,7 +105,7 @@ class SourceModel:
         from . import a1111_control
 
         a1111_control.extension()  # a clear message before anything loads
-        keys = [lora_key(((r[0], 1.0),)) for r in requests]
+        keys = [file_key(r[0]) for r in requests]
         built = keep_only(self.controlnets, keys, [r[0] for r in requests], lambda filename: a1111_control.load_controlnet(
             filename, self.model.model.diffusion_model, devices.device, devices.dtype_unet))
         return [a1111_control.A1111Control(self, b, *r[1:]) for b, r in zip(built, requests, strict=True)]
@@ -156,7 +156,7 @@ def _own_unet() -> contextlib.AbstractContextManager[None]:
     would make the delta ~0: the source runs its own UNet, and the selection is put back right after."""
     from modules import sd_unet
 
-    return _temporarily(sd_unet, current_unet=None)
+    return temporarily(sd_unet, current_unet=None)
 
 
 class NoVae(torch.nn.Module):
@@ -189,25 +189,12 @@ def _unwrapped_text_encoder(model: Any) -> contextlib.AbstractContextManager[Non
     inner = getattr(getattr(model, "cond_stage_model", None), "wrapped", None)
     if inner is None or hasattr(model, "conditioner"):  # SDXL: lowvram hooks the conditioner itself
         return contextlib.nullcontext()
-    return _temporarily(model, cond_stage_model=inner)
+    return temporarily(model, cond_stage_model=inner)
 
 
 def _without(parent: torch.nn.Module, *names: str) -> contextlib.AbstractContextManager[None]:
     """`parent` without some children while moving it: they stay where they are."""
-    return _temporarily(parent, **{name: None for name in names if getattr(parent, name, None) is not None})
-
-
-@contextlib.contextmanager
-def _temporarily(obj: Any, **values: Any) -> Iterator[None]:
-    """Attributes of `obj` set to `values` for a while, then put back."""
-    saved = {name: getattr(obj, name) for name in values}
-    for name, value in values.items():
-        setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(obj, name, value)
+    return temporarily(parent, **{name: None for name in names if getattr(parent, name, None) is not None})
 
 
 def cached_source(cache: Any, info: Any, role: str = "source checkpoint") -> SourceModel:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from backend.patcher.controlnet import apply_controlnet_advanced
 from lib_delta import DeltaError, logger
 
 from . import files
+from .generation import temporarily
 
 
 @dataclass
@@ -42,14 +42,9 @@ class ForgeControl:
         for cnet in self.unet.list_controlnets():
             cnet.cleanup()
 
-    @contextlib.contextmanager
-    def enabled(self) -> Iterator[None]:
+    def enabled(self) -> contextlib.AbstractContextManager[None]:
         """The source's forward runs through this clone (its ControlNet, its model options) inside."""
-        saved, self.source.control_unet = self.source.control_unet, self.unet
-        try:
-            yield
-        finally:
-            self.source.control_unet = saved
+        return temporarily(self.source, control_unet=self.unet)
 
 
 def load_controlnet(filename: str, source_title: str) -> Any:

@@ -39,7 +39,15 @@ from lib_delta.lora import check_host_patches
 
 from . import files
 from .a1111_models import flag_format
-from .generation import encode_prompts, forget_modules, keep_only, loading_source, lora_key, trim_heap
+from .generation import (
+    encode_prompts,
+    file_key,
+    forget_modules,
+    keep_only,
+    loading_source,
+    lora_key,
+    trim_heap,
+)
 
 KNOWN_LATENTS = {"SD15": latent.SD1, "SDXL": latent.SDXL, "SD3": latent.SD3, "Flux": latent.FLUX,
                  "Flux2": latent.FLUX2, "Wan21": latent.WAN21}  # huggingface_guess latent classes
@@ -215,7 +223,7 @@ class SourceModel:
         """One ControlNet clone per (file, hint, weight, start, end); keeps only these files loaded."""
         from . import forge_control
 
-        keys = [lora_key(((filename, 1.0),)) for filename, *_ in requests]
+        keys = [file_key(filename) for filename, *_ in requests]
         nets = keep_only(self.controlnets, keys, [r[0] for r in requests],
                          lambda filename: forge_control.load_controlnet(filename, self.title))
         return [forge_control.attach(self, net, *r[1:]) for net, r in zip(nets, requests, strict=True)]

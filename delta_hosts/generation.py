@@ -147,14 +147,20 @@ def load_unit(unit: Unit, models: ModuleType) -> None:
     unit.settings = s.replace(source=info.title)
 
 
+def file_key(filename: str) -> tuple:
+    """A loaded file's cache key: its path and modification time (an edited file reloads)."""
+    return filename, os.path.getmtime(filename) if os.path.exists(filename) else 0.0
+
+
 def lora_key(stack: tuple[tuple[str, float], ...]) -> tuple:
-    """A LoRA stack's cache key: each file with its modification time (an edited file reloads) and weight."""
-    return tuple((f, os.path.getmtime(f) if os.path.exists(f) else 0.0, w) for f, w in stack)
+    """A LoRA stack's cache key: each file's key with its weight."""
+    return tuple((*file_key(f), w) for f, w in stack)
 
 
 def keep_only(cache: dict, keys: list[tuple], stacks: list[Any], load: Callable[[Any], Any],
               drop: Callable[[Any], None] = lambda _: None) -> list[Any]:
-    """A source's LoRA stacks: exactly those this generation uses, loaded on a miss; the others dropped."""
+    """What a source carries for this generation (LoRA stacks, ControlNets): exactly the `keys` it uses,
+    each loaded from its entry of `stacks` on a miss; the others dropped."""
     for key in [k for k in cache if k not in keys]:
         drop(cache.pop(key))
     for key, stack in zip(keys, stacks, strict=True):
@@ -423,6 +429,19 @@ def forget_modules(loaded: list, modules: list[Any], unload: Callable[[Any], Non
     for unet in list(PATCHED_UNETS):
         unet.extra_model_patchers_during_sampling[:] = [
             m for m in unet.extra_model_patchers_during_sampling if id(m.model) not in ids]
+
+
+@contextlib.contextmanager
+def temporarily(obj: Any, **values: Any) -> Iterator[None]:
+    """Attributes of `obj` set to `values` for a while, then put back."""
+    saved = {name: getattr(obj, name) for name in values}
+    for name, value in values.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
 
 
 def trim_heap() -> None:

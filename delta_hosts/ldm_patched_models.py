@@ -14,7 +14,6 @@ import contextlib
 import gc
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,15 @@ from lib_delta import DeltaError, latent, logger
 from lib_delta.lora import check_host_patches
 
 from . import a1111_models, files
-from .generation import encode_prompts, forget_modules, keep_only, loading_source, lora_key, trim_heap
+from .generation import (
+    encode_prompts,
+    forget_modules,
+    keep_only,
+    loading_source,
+    lora_key,
+    temporarily,
+    trim_heap,
+)
 
 
 def target_format(model: Any) -> latent.LatentFormat:
@@ -57,13 +64,8 @@ class TwoEngineLora:
     source: SourceModel
     engine: Engine
 
-    @contextlib.contextmanager
-    def enabled(self) -> Iterator[None]:
-        base, self.source.active = self.source.active, self.engine
-        try:
-            yield
-        finally:
-            self.source.active = base
+    def enabled(self) -> contextlib.AbstractContextManager[None]:
+        return temporarily(self.source, active=self.engine)
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """backend/patcher/unet.py (Neo): UnetPatcher keeps Forge's extra-patcher API over Neo's ModelPatcher."""
 
+from backend import forge_fake
 from backend.patcher.base import ModelPatcher
+
+_forge = forge_fake.load("patcher/unet.py")
 
 
 class UnetPatcher(ModelPatcher):
@@ -22,13 +25,6 @@ class UnetPatcher(ModelPatcher):
     def add_extra_model_patcher_during_sampling(self, model_patcher):
         self.extra_model_patchers_during_sampling.append(model_patcher)
 
-    def add_patched_controlnet(self, cnet):
-        cnet.set_previous_controlnet(self.controlnet_linked_list)
-        self.controlnet_linked_list = cnet
-
-    def list_controlnets(self):
-        results, pointer = [], self.controlnet_linked_list
-        while pointer is not None:
-            results.append(pointer)
-            pointer = pointer.previous_controlnet
-        return results
+    # Neo keeps Forge's ControlNet linked list unchanged
+    add_patched_controlnet = _forge.UnetPatcher.add_patched_controlnet
+    list_controlnets = _forge.UnetPatcher.list_controlnets
