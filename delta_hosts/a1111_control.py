@@ -24,6 +24,8 @@ from . import files
 from .generation import temporarily
 from .memory import pass_size
 
+NO_IPADAPTER = ("Delta Sampling: an IP-Adapter on the DS source runs on Forge and Forge Neo; on A1111 it is not "
+                "supported yet (a ControlNet on the source is).")
 MISSING = ("Delta Sampling: a ControlNet on the DS source needs the sd-webui-controlnet extension on A1111 "
            "(Extensions > Available > sd-webui-controlnet); DS drives its ControlNet code.")
 

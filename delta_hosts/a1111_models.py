@@ -99,16 +99,18 @@ class SourceModel:
 
         return keep_only(self.adapters, [lora_key(stack) for stack in stacks], stacks, load)
 
-    def controls_for(self, requests: list[tuple]) -> list[Any]:
-        """One ControlNet per (file, hint, weight, start, end, native), through sd-webui-controlnet; keeps only
-        these files loaded."""
+    def controls_for(self, requests: list[Any]) -> list[Any]:
+        """One ControlNet per control.ControlRequest, through sd-webui-controlnet; keeps only these files loaded."""
         from . import a1111_control
 
+        if any(r.ipadapter for r in requests):
+            raise DeltaError(a1111_control.NO_IPADAPTER)
         a1111_control.extension()  # a clear message before anything loads
-        keys = [file_key(r[0]) for r in requests]
-        built = keep_only(self.controlnets, keys, [r[0] for r in requests], lambda filename: a1111_control.load_controlnet(
-            filename, self.model.model.diffusion_model, devices.device, devices.dtype_unet))
-        return [a1111_control.A1111Control(self, b, *r[1:]) for b, r in zip(built, requests, strict=True)]
+        cn_files = [r.controlnet for r in requests]
+        built = keep_only(self.controlnets, [file_key(f) for f in cn_files], cn_files, lambda f: a1111_control.load_controlnet(
+            f, self.model.model.diffusion_model, devices.device, devices.dtype_unet))
+        return [a1111_control.A1111Control(self, b, r.hint, r.weight, r.start, r.end, r.native)
+                for b, r in zip(built, requests, strict=True)]
 
     def to_device(self) -> None:
         """Ready to run (policy: memory.MemoryPolicy): the UNet on the device, text encoders on the CPU;

@@ -36,6 +36,7 @@ from modules import shared
 
 from lib_delta import DeltaError, latent, logger
 from lib_delta.lora import check_host_patches
+from lib_delta.source import slice_conds
 
 from . import files
 from .a1111_models import flag_format
@@ -183,7 +184,9 @@ class SourceModel:
     sigma_max: float = math.inf
     loras: dict[tuple, Any] = field(default_factory=dict)
     controlnets: dict[tuple, Any] = field(default_factory=dict)  # loaded ControlNets this generation uses
-    control_unet: Any = None  # while a ControlNet branch runs: the patcher carrying it
+    ipadapters: dict[tuple, Any] = field(default_factory=dict)  # IP-Adapter tables this generation uses
+    control_unet: Any = None  # while an adapted branch runs: the patcher carrying its ControlNet / IP-Adapter
+    marks_uncond_rows = True  # model_fn takes uncond_rows (a ControlNet / IP-Adapter tells them apart)
 
     @property
     def unet(self) -> Any:
@@ -193,14 +196,27 @@ class SourceModel:
         """What Forge's memory manager must load beside the target while sampling."""
         return [self.unet]
 
-    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        unet, conds = self.control_unet or self.unet, compile_conditions(cond)
-        if self.control_unet is not None:  # as the host's sampling_function gives the target's conds theirs
-            for c in conds:
+    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond_rows: int = 0) -> torch.Tensor:
+        """The UNet's prediction for rows of (x, sigma, cond); the last `uncond_rows` go to the host as uncond
+        conds, so a ControlNet / IP-Adapter treats them as it treats the target's negative prompt."""
+        unet, split = self.control_unet or self.unet, x.shape[0] - uncond_rows
+        if not uncond_rows:
+            return self._batch(unet, x, sigma, cond, None)
+        head, tail = slice_conds(cond, 0, split), slice_conds(cond, split)
+        if split == uncond_rows and torch.equal(x[:split], x[split:]):  # one sub-prompt per image: one call
+            return self._batch(unet, x[split:], sigma[split:], head, tail)
+        parts = [self._batch(unet, x[:split], sigma[:split], head, None)] if split else []
+        return torch.cat([*parts, self._batch(unet, x[split:], sigma[split:], None, tail)])
+
+    def _batch(self, unet: Any, x: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond: Any) -> torch.Tensor:
+        """The host's cond/uncond batch call: cond rows' predictions, then uncond rows'."""
+        conds, unconds = (compile_conditions(c) if c is not None else [] for c in (cond, uncond))
+        if getattr(self.control_unet, "controlnet_linked_list", None) is not None:  # as the host's
+            for c in conds + unconds:  # sampling_function gives the target's conds its ControlNets
                 c["control"] = unet.controlnet_linked_list
         with host_globals():
-            out, _ = calc_cond_uncond_batch(unet.model, conds, None, x, sigma, unet.model_options)
-        return out.to(x.dtype)
+            out, out_uncond = calc_cond_uncond_batch(unet.model, conds, unconds or None, x, sigma, unet.model_options)
+        return torch.cat([out] * (cond is not None) + [out_uncond] * (uncond is not None)).to(x.dtype)
 
     def encode(self, prompts: list[str], negatives: list[str], steps: int, hires_steps: int | None,
                width: int, height: int) -> tuple[Any, Any]:
@@ -219,14 +235,17 @@ class SourceModel:
         """One pair of LoRA clones per stack of (file, multiplier); keeps only these."""
         return keep_only(self.loras, [lora_key(stack) for stack in stacks], stacks, lambda st: _load_lora(self, st))
 
-    def controls_for(self, requests: list[tuple[str, torch.Tensor, float, float, float]]) -> list[Any]:
-        """One ControlNet clone per (file, hint, weight, start, end); keeps only these files loaded."""
+    def controls_for(self, requests: list[Any]) -> list[Any]:
+        """One patched clone per control.ControlRequest; keeps only these ControlNet / IP-Adapter files loaded."""
         from . import forge_control
 
-        keys = [file_key(filename) for filename, *_ in requests]
-        nets = keep_only(self.controlnets, keys, [r[0] for r in requests],
-                         lambda filename: forge_control.load_controlnet(filename, self.title))
-        return [forge_control.attach(self, net, *r[1:]) for net, r in zip(nets, requests, strict=True)]
+        cn_files = [r.controlnet for r in requests if r.controlnet]
+        ip_files = [r.ipadapter for r in requests if r.ipadapter]
+        nets = dict(zip(cn_files, keep_only(self.controlnets, [file_key(f) for f in cn_files], cn_files,
+                                            lambda f: forge_control.load_controlnet(f, self.title)), strict=True))
+        ips = dict(zip(ip_files, keep_only(self.ipadapters, [file_key(f) for f in ip_files], ip_files,
+                                           lambda f: forge_control.load_ipadapter(f, self)), strict=True))
+        return [forge_control.attach(self, r, nets.get(r.controlnet), ips.get(r.ipadapter)) for r in requests]
 
     def offload(self) -> None:
         """Leave the GPU, stay in RAM: the host's own unload moves the weights to its offload device."""
@@ -313,6 +332,7 @@ def release(source: SourceModel) -> None:
     forget_modules(memory_management.current_loaded_models,
                    [m.model for net in source.controlnets.values() for m in net.get_models()], _unload)
     source.controlnets.clear()
+    source.ipadapters.clear()
     source.engine = None
     gc.collect()
     memory_management.soft_empty_cache()

@@ -53,7 +53,7 @@ class Unit:
     source: Any = None
     adapted: Any = None  # checkpoint adapter
     lora: Any = None  # the LoRA stack on the adapted side, where there is one
-    control: Any = None  # the ControlNet on the adapted side, where there is one
+    control: Any = None  # the ControlNet and IP-Adapter on the adapted side, where there are any
 
     @property
     def lora_files(self) -> tuple[tuple[str, float], ...]:
@@ -217,22 +217,20 @@ def abort(state: Prepared, error: DeltaError) -> None:
 
 
 def attach_controls(p: Any, units: list[Unit]) -> None:
-    """Each unit's ControlNet on its adapted model, through the host's own ControlNet; a model keeps loaded
-    only the ControlNets this generation uses."""
+    """Each unit's ControlNet and IP-Adapter on its adapted model, through the host's own code; a model keeps
+    loaded only the files this generation uses."""
     from . import control
 
-    by_model: dict[int, tuple[Any, list[Unit], list[tuple]]] = {}
+    by_model: dict[int, tuple[Any, list[Unit], list[control.ControlRequest]]] = {}
     for unit in units:
-        s = unit.settings
-        if not s.control_model or s.control_weight == 0.0:  # weight 0 adds nothing: skip its pass
-            continue
         with naming(unit):
+            request = control.request(p, unit.settings)
+            if request is None:
+                continue
             model = unit.adapted or unit.source
             if not hasattr(model, "controls_for"):
-                raise DeltaError("Delta Sampling: a ControlNet on the DS source needs Forge, Forge Neo, or A1111 "
-                                 "with sd-webui-controlnet; reForge and Forge Classic are not supported yet.")
-            request = (control.find_controlnet(s.control_model), control.hint(p, s), s.control_weight,
-                       s.control_start, s.control_end, bool(s.knob("native_size")))
+                raise DeltaError("Delta Sampling: a ControlNet or IP-Adapter on the DS source needs Forge, Forge Neo, "
+                                 "or A1111 with sd-webui-controlnet; reForge and Forge Classic are not supported yet.")
         entry = by_model.setdefault(id(model), (model, [], []))
         entry[1].append(unit)
         entry[2].append(request)
@@ -283,7 +281,9 @@ def build_pair(p: Any, unit: Unit, bases: dict[tuple, Branch] | None = None) -> 
                encoding: Callable | None = None, rows_context: Callable | None = None) -> Branch:
         with (encoding or context)():
             c, uc = model.encode(texts, negatives, steps, hires_steps, width, height)
-        return Branch(model.model_fn, _conds_at(c, uc), context, rows_context)
+        marks = context is not contextlib.nullcontext and unit.control is not None  # its models see uncond rows
+        return Branch(model.model_fn, _conds_at(c, uc), context, rows_context,
+                      marks_uncond=marks and getattr(model, "marks_uncond_rows", False))
 
     key = (id(src), tuple(base_prompts), tuple(negatives), cfg_scale)
     if bases is None:

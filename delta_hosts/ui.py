@@ -98,6 +98,12 @@ def unit_panel(tab: str, n: int, enabled: Any | None) -> dict[str, Any]:
         preview = gr.Button(value="Preview the map", elem_id=eid("control_preview"))
     preview.click(fn=preview_map, inputs=[c["control_image"], c["control_preprocessor"]], outputs=[detected],
                   show_progress=False)
+    with gr.Accordion("IP-Adapter on the adapted source", open=False):
+        with gr.Row():
+            c["ipadapter_model"] = gr.Dropdown(choices=selectable("ipadapter_model", control.ipadapters()),
+                                               allow_custom_value=True, **kw("ipadapter_model"))
+            c["ipadapter_weight"] = slider("ipadapter_weight")
+        c["ipadapter_image"] = gr.Image(type="numpy", **kw("ipadapter_image"))
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
             c["source_cfg"] = slider("source_cfg")

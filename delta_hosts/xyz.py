@@ -25,6 +25,7 @@ AXES: tuple[tuple[str, str, float], ...] = (
     ("strength_mode", "Strength mode", 0.0),
     ("cap", "Cap", 0.0),
     ("control_weight", "ControlNet weight", 0.0),
+    ("ipadapter_weight", "IP-Adapter weight", 0.0),
 )
 UNIT_AXES = ("strength",)  # units 2..: "[DS n] Lambda"
 AXIS_CHOICES: dict[str, Callable[[], list[str]]] = {

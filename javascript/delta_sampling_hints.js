@@ -28,7 +28,10 @@
         "DS ControlNet start": "Fraction of sampling where the ControlNet starts (on the source's noise levels).",
         "DS ControlNet end": "Fraction of sampling where the ControlNet stops.",
         "DS ControlNet preprocessor": "canny: edges of the control image (OpenCV, thresholds 100/200); none: the image is already a control map.",
-        "DS ControlNet image": "The control image (not stored in the infotext). Empty in img2img: the img2img input."
+        "DS ControlNet image": "The control image (not stored in the infotext). Empty in img2img: the img2img input.",
+        "DS IP-Adapter": "An IP-Adapter made for the source (e.g. ip-adapter_sd15), on the adapted side only: the reference image steers your image through the delta. Uses the WebUI's CLIP image encoder.",
+        "DS IP-Adapter weight": "How strongly the reference image steers the adapted source.",
+        "DS IP-Adapter image": "The reference image (not stored in the infotext). Empty in img2img: the img2img input."
     };
     if (typeof titles === "undefined") {
         window.titles = {};

@@ -29,6 +29,12 @@ def cat_conds(parts: list[Any]) -> Any:
     return torch.cat(parts)
 
 
+def slice_conds(cond: Any, start: int, stop: int | None = None) -> Any:
+    if isinstance(cond, dict):
+        return {k: v[start:stop] for k, v in cond.items()}
+    return cond[start:stop]
+
+
 def token_length(cond: Any) -> int:
     tensor = cond["crossattn"] if isinstance(cond, dict) else cond
     return tensor.shape[1]
@@ -45,6 +51,7 @@ class Branch:
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     rows_context: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None
     memo: BaseMemo | None = None  # a base branch shared by several units: its outputs of the current step
+    marks_uncond: bool = False  # model_fn takes `uncond_rows`: its model treats negative-prompt rows apart
 
     def rows(self, x: torch.Tensor, sigma: torch.Tensor, step: int, uncond: bool) -> Rows:
         """The model-call rows of this branch: one per sub-prompt of each image, then one uncond per image."""
@@ -64,7 +71,7 @@ class Branch:
         cond_only = skip_uncond or scale == 1.0  # CFG 1 is the cond prediction: skip the uncond pass
         rows = self.rows(x, sigma, step, uncond=not cond_only)
         with self.context():
-            out = rows.run(self.model_fn)
+            out = rows.run(self.model_fn, self.marks_uncond)
         return rows.combine(out, scale)
 
 
@@ -87,11 +94,19 @@ class Rows:
         """All parts can go in one model call (the same token length)."""
         return len({token_length(c) for c in self.conds}) == 1
 
-    def run(self, model_fn: ModelFn) -> torch.Tensor:
-        """One call where the conditionings can be batched, else one per part."""
+    def run(self, model_fn: ModelFn, marks_uncond: bool = False) -> torch.Tensor:
+        """One call where the conditionings can be batched, else one per part. `marks_uncond`: each call
+        also says how many of its last rows are uncond rows (`uncond_rows=`)."""
+        last = len(self.xs) - 1 if self.uncond else len(self.xs)
+
+        def marks(uncond_rows: int) -> dict[str, int]:
+            return {"uncond_rows": uncond_rows} if marks_uncond else {}
+
         if self.batchable:
-            return model_fn(torch.cat(self.xs), torch.cat(self.sigmas), cat_conds(self.conds))
-        return torch.cat([model_fn(x, s, c) for x, s, c in zip(self.xs, self.sigmas, self.conds, strict=True)])
+            trailing = len(self.xs[-1]) if self.uncond else 0
+            return model_fn(torch.cat(self.xs), torch.cat(self.sigmas), cat_conds(self.conds), **marks(trailing))
+        return torch.cat([model_fn(x, s, c, **marks(len(x) if i == last else 0))
+                          for i, (x, s, c) in enumerate(zip(self.xs, self.sigmas, self.conds, strict=True))])
 
     def combine(self, out: torch.Tensor, scale: float, uncond: torch.Tensor | None = None) -> torch.Tensor:
         """CFG of this branch's outputs; `uncond`: uncond rows computed elsewhere (a shared uncond)."""
@@ -201,7 +216,7 @@ class CfgSourcePair:
             return self.denoise(x, sigma, adapted=True, step=step, skip_uncond=skip_uncond)
         rows = self.adapted.rows(x, sigma, step, uncond=False)
         with self.adapted.context():
-            out = rows.run(self.adapted.model_fn)
+            out = rows.run(self.adapted.model_fn, self.adapted.marks_uncond)
         return rows.combine(out, self.scale, memo.uncond)
 
 

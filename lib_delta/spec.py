@@ -12,9 +12,10 @@ from typing import Any
 
 from . import DeltaError
 
-SPEC_VERSION = 2  # v2: more LoRAs in the adapted stack, units 2.. (v1 values still read)
+SPEC_VERSION = 3  # v2: LoRA stacks, units 2.., ControlNet; v3: IP-Adapter (older values still read)
 INFOTEXT_KEY = "Delta Sampling"  # the compact, versioned value (unit 1; unit n: "Delta Sampling n")
 UNITS = 3  # DS units in the panel: target += sum of lambda_i * delta_i
+UNITS_SINCE = 2  # the infotext version that introduced units 2..
 ADAPTER_KINDS = ("lora", "checkpoint", "prompt")
 SCHEDULES = ("constant", "linear", "cosine", "exponential", "sigmoid")
 STRENGTH_MODES = ("fixed", "auto")
@@ -107,7 +108,15 @@ FIELDS: tuple[Field, ...] = (
                            "already a control map."),
     Field("control_image", "DS ControlNet image", "", object, None, since=2, infotext=False,
           tooltip="The control image (not stored in the infotext). Empty in img2img: the img2img input."),
+    Field("ipadapter_model", "DS IP-Adapter", "ip", str, "", since=3, empty_label="(no IP-Adapter)",
+          tooltip="An IP-Adapter made for the source (e.g. ip-adapter_sd15), on the adapted side only: the "
+                  "reference image steers your image through the delta. Uses the WebUI's CLIP image encoder."),
+    Field("ipadapter_weight", "DS IP-Adapter weight", "ipw", float, 1.0, 0.0, 2.0, 0.05, since=3,
+          tooltip="How strongly the reference image steers the adapted source."),
+    Field("ipadapter_image", "DS IP-Adapter image", "", object, None, since=3, infotext=False,
+          tooltip="The reference image (not stored in the infotext). Empty in img2img: the img2img input."),
 )
+POSITIONAL_STRIDES = {2: 27}  # fields per unit in positional args of older versions (v2: before IP-Adapter)
 SPEED_KNOBS = ("batched", "cond_only", "reuse", "native_size")
 PRESETS: dict[str, dict[str, Any]] = {  # what each speed preset sets; README, Performance, has their costs
     "exact": {"batched": True, "cond_only": False, "reuse": 1.0, "native_size": False},
@@ -147,6 +156,9 @@ class DeltaSettings:
     control_end: float = 1.0
     control_preprocessor: str = "canny"
     control_image: Any = dataclasses.field(default=None, compare=False, repr=False)
+    ipadapter_model: str = ""
+    ipadapter_weight: float = 1.0
+    ipadapter_image: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def knob(self, attr: str) -> Any:
         """A speed knob's effective value: the preset's, or the field's own under speed 'custom'."""
@@ -279,6 +291,8 @@ def units_from_args(args: Sequence[Any]) -> list[DeltaSettings]:
     n = len(FIELDS)
     if len(args) > n * UNITS:
         raise DeltaError(f"Delta Sampling takes {n} args per unit, {n * UNITS} in all; got {len(args)}")
+    older = [k for k in POSITIONAL_STRIDES.values() if len(args) in (k * 2, k * 3)]
+    n = older[0] if older else n  # 54 or 81 args: v2's units 2 and 3 at 27 and 54
     return [DeltaSettings.from_args(args[i : i + n]) for i in range(0, max(len(args), 1), n)]
 
 
@@ -286,8 +300,9 @@ def units_infotext(units: Sequence[DeltaSettings]) -> dict[str, str]:
     """Infotext of every enabled unit, numbered by position; unit 1's version says whether more follow."""
     entries: dict[str, str] = {}
     several = any(u.enabled for u in units[1:])  # an older install must not read unit 1 alone
+    version = max([UNITS_SINCE, *(u.version() for u in units if u.enabled)]) if several else None
     for i, settings in enumerate(units, 1):
-        entries |= settings.to_infotext(i, SPEC_VERSION if several else None)
+        entries |= settings.to_infotext(i, version)
     return entries
 
 

@@ -179,7 +179,18 @@ def _tensors(weights: object, role: str, name: str) -> dict[str, torch.Tensor]:
     if not isinstance(weights, dict):
         raise WeightFileError(f"Delta Sampling: the {role} '{name}' holds a {type(weights).__name__}, "
                               "not a table of weights.")
-    return {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    return _flat(weights)
+
+
+def _flat(table: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a table, nested tables' under "outer.inner" names (an IP-Adapter .bin nests two)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in table.items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + str(key)] = value
+        elif isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+    return out
 
 
 def _global_in(e: BaseException) -> str | None:

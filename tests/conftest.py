@@ -11,7 +11,7 @@ FAKE_WEBUI = ROOT / "tests" / "fake_webui"
 FAKE_FORGE = ROOT / "tests" / "fake_forge"
 FAKE_LDM_PATCHED = ROOT / "tests" / "fake_ldm_patched"
 FAKE_NEO = ROOT / "tests" / "fake_neo"
-NEO_OVERLAYS = ("backend", "backend.patcher", "backend.sampling", "backend.diffusion_engine")
+NEO_OVERLAYS = ("backend", "backend.patcher", "backend.sampling", "backend.diffusion_engine", "lib_ipadapter")
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
@@ -19,7 +19,7 @@ for path in (ROOT, ROOT / "tests"):
 torch.set_num_threads(1)  # tiny models: thread start-up dominates on small CPUs
 
 HOST_MODULES = ("modules", "delta_hosts", "gradio", "networks", "delta_sampling.py", "backend", "ldm_patched",
-                "modules_forge")
+                "modules_forge", "lib_ipadapter", "forge_ipadapter")
 
 
 def _purge() -> None:
@@ -109,6 +109,7 @@ def _forge_host(tmp_path, fakes, host, overlay=None):
     from modules_forge import patch_basic
 
     patch_basic.patch_all_basics()  # Forge wraps torch.load and safetensors' load_file at start-up
+    import forge_ipadapter  # noqa: F401  the built-in IP-Adapter extension registers its CLIP encoders
     delta_hosts.HOST = host  # both fake hosts are importable here; detection is tested on its own
     from modules import sd_models, shared
 

@@ -62,7 +62,7 @@ def test_send_to_img2img_copies_the_panel_by_field_name(webui):
     sources = [field for field, name in txt_fields if name in names]
     targets = [field for field, name in webui.script.infotext_fields if name in names]
     images = {id(c) for c in txt2img + img2img if type(c).__name__ == "Image"}  # not in the infotext
-    assert len(images) == 2 * UNITS
+    assert len(images) == 2 * 2 * UNITS  # per unit: the control image and the IP-Adapter reference
     assert sources == [c for c in txt2img if id(c) not in images]
     assert targets == [c for c in img2img if id(c) not in images]
     assert all(callable(name) for _, name in txt_fields)
@@ -193,8 +193,8 @@ def test_xyz_axes_register_once_and_reach_the_script_through_p(webui):
     ds_xyz.register()
     labels = [o.label for o in xyz.axis_options]
     assert labels == ["[DS] Lambda", "[DS] Schedule", "[DS] Source checkpoint", "[DS] Adapter", "[DS] Enabled",
-                      "[DS] Speed", "[DS] Strength mode", "[DS] Cap", "[DS] ControlNet weight", "[DS 2] Lambda",
-                      "[DS 3] Lambda"]
+                      "[DS] Speed", "[DS] Strength mode", "[DS] Cap", "[DS] ControlNet weight",
+                      "[DS] IP-Adapter weight", "[DS 2] Lambda", "[DS 3] Lambda"]
     axes = {o.label: o for o in xyz.axis_options}
     assert axes["[DS] Source checkpoint"].cost == 1.0 and axes["[DS] Lambda"].cost == 0.0
     assert axes["[DS] Schedule"].choices() == ["constant", "linear", "cosine", "exponential", "sigmoid"]

@@ -151,9 +151,33 @@ def test_a_lora_stack_or_a_second_unit_writes_v2_and_round_trips():
     assert DeltaSettings.from_infotext(entries, 2) == DeltaSettings()  # no key: that unit is off
 
 
-def test_a_v3_value_is_refused_naming_the_unit():
-    with pytest.raises(DeltaError, match="'Delta Sampling 2' version v3.*newer"):
-        DeltaSettings.from_infotext({"Delta Sampling 2": "v3; src=x"}, 2)
+def test_a_newer_value_is_refused_naming_the_unit():
+    with pytest.raises(DeltaError, match="'Delta Sampling 2' version v4.*newer"):
+        DeltaSettings.from_infotext({"Delta Sampling 2": "v4; src=x"}, 2)
+
+
+def test_an_ip_adapter_writes_v3_and_the_rest_keeps_the_oldest_version():
+    ip = FULL.replace(ipadapter_model="ip-adapter_sd15", ipadapter_weight=0.6, ipadapter_image="not stored")
+    text = ip.to_infotext()[INFOTEXT_KEY]
+    assert text.startswith("v3;") and "ip=ip-adapter_sd15; ipw=0.6" in text and "not stored" not in text
+    assert DeltaSettings.from_infotext(ip.to_infotext()) == ip.replace(ipadapter_image=None)
+    second = DeltaSettings(enabled=True, source="sd21", adapter_kind="prompt", adapted_prompt="ink")
+    assert units_infotext([FULL, second])[INFOTEXT_KEY].startswith("v2;")  # units alone need v2, not v3
+    assert units_infotext([ip, second])["Delta Sampling 2"].startswith("v3;")
+
+
+def test_v2_positional_args_of_two_and_three_units_keep_their_places():
+    v2 = [f.default for f in FIELDS if f.since <= 2]
+    assert len(v2) == 27
+    first, second = list(v2), list(v2)
+    first[:6] = [True, "sd15", "lora", "ink", 1.0, 2.0]
+    second[:6] = [True, "sd15", "prompt", "", 1.0, -1.0]
+    second[10] = "ink style"
+    for args in (first + second, first + second + v2):
+        units = units_from_args(args)
+        assert [u.strength for u in units[:2]] == [2.0, -1.0] and units[1].adapted_prompt == "ink style"
+    full = units_from_args(DeltaSettings(enabled=True, strength=3.0).to_args() * 2)
+    assert [u.strength for u in full] == [3.0, 3.0]
 
 
 @pytest.mark.parametrize(("text", "parsed"), [

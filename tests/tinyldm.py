@@ -20,17 +20,26 @@ def _seq(**modules: nn.Module) -> nn.Module:
 class _Block(nn.ModuleList):
     """A called UNet block (like ldm's TimestepEmbedSequential), so per-block hooks fire as on the real one."""
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self[0](h) + emb[:, :, None, None] if isinstance(self[0], nn.Conv2d) else _attend(self[1], h, context)
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        if isinstance(self[0], nn.Conv2d):
+            return self[0](h) + emb[:, :, None, None]
+        return _attend(self[1], h, context, transformer_options or {})
 
 
-def _attend(tr: nn.Module, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def _attend(tr: nn.Module, h: torch.Tensor, context: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+    """Cross-attention; Forge's UNet calls a `patches_replace["attn2"]` entry for its block instead (IP-Adapter)."""
     b, c, hh, ww = h.shape
     tokens = tr.proj_in(h).flatten(2).transpose(1, 2)
     attn = tr.transformer_blocks[0].attn2
     q, k, v = attn.to_q(tokens), attn.to_k(context), attn.to_v(context)
-    weights = torch.softmax(q @ k.transpose(1, 2) / DIM**0.5, -1)
-    tokens = tokens + attn.to_out[0](weights @ v)
+    patch = transformer_options.get("patches_replace", {}).get("attn2", {}).get(transformer_options.get("block"))
+    if patch is not None:
+        extra = {k: v for k, v in transformer_options.items() if k != "patches_replace"}
+        attended = patch(q, k, v, {**extra, "n_heads": 1, "dim_head": DIM, "original_shape": list(h.shape)})
+    else:
+        attended = torch.softmax(q @ k.transpose(1, 2) / DIM**0.5, -1) @ v
+    tokens = tokens + attn.to_out[0](attended)
     tokens = tokens + torch.tanh(tr.transformer_blocks[0].ff.net[0].proj(tokens))
     return h + tr.proj_out(tokens.transpose(1, 2).reshape(b, c, hh, ww))
 
@@ -52,12 +61,16 @@ class TinyUNet(nn.Module):
         self.in_channels = 4
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                control: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
-        """`control`: a ControlNet's residuals, popped like Forge's UNet does (after a block, after the middle)."""
+                control: dict[str, list[torch.Tensor]] | None = None,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        """`control`: a ControlNet's residuals, popped like Forge's UNet does (after a block, after the middle).
+        `transformer_options`: Forge's, with the block being run set in it as Forge's UNet does."""
         emb = self.time_embed(timestep_features(t))
         h = x
-        for block in self.input_blocks:
-            h = block(h, emb, context)
+        options = dict(transformer_options or {})
+        for i, block in enumerate(self.input_blocks):
+            options["block"] = ("input", i)
+            h = block(h, emb, context, options)
             if control is not None and control.get("output"):
                 h = h + control["output"].pop()
         if control is not None and control.get("middle"):
@@ -100,6 +113,17 @@ def controlnet_state_dict(seed: int = 11, scale: float = 0.3) -> dict[str, torch
     model = TinyControlNet()
     return {f"control_model.{k}": v.detach() * (scale if "zero_convs" in k or "middle_block_out" in k else 1.0)
             for k, v in model.state_dict().items()}
+
+
+def ipadapter_state_dict(seed: int = 12, embed_dim: int = 1024, context: int = CTX) -> dict[str, torch.Tensor]:
+    """A random-weight plain IP-Adapter for TinyUNet's one cross-attention site (Forge's site number 0) in the
+    .safetensors layout: image_proj.{proj,norm} and ip_adapter.1.to_{k,v}_ip."""
+    g = torch.Generator().manual_seed(seed)
+    return {"image_proj.proj.weight": torch.randn(4 * context, embed_dim, generator=g) * 0.05,
+            "image_proj.proj.bias": torch.zeros(4 * context), "image_proj.norm.weight": torch.ones(context),
+            "image_proj.norm.bias": torch.zeros(context),
+            "ip_adapter.1.to_k_ip.weight": torch.randn(DIM, context, generator=g) * 0.5,
+            "ip_adapter.1.to_v_ip.weight": torch.randn(DIM, context, generator=g) * 0.5}
 
 
 class TinyTextModel(nn.Module):

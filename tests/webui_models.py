@@ -33,3 +33,20 @@ def sd15_controlnet(unet: dict[str, torch.Tensor], seed: int = 0, dtype: torch.d
     out["control_model.middle_block_out.0.weight"] = rand((1280, 1280, 1, 1), 1280)
     out["control_model.middle_block_out.0.bias"] = torch.zeros(1280, dtype=dtype)
     return out
+
+
+SD15_IP_SITE_CHANNELS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280)
+
+
+def sd15_ipadapter(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """A plain SD1.5 IP-Adapter (h94's ip-adapter_sd15 layout, .safetensors form): image_proj.proj (3072, 1024)
+    and norm (768) over the CLIP ViT-H image embedding; ip_adapter.{2i+1}.to_{k,v}_ip (C_i, 768) for the 16
+    cross-attention sites in the hosts' order (input 1,2,4,5,7,8; output 3..11; middle)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {"image_proj.proj.weight": (torch.randn(3072, 1024, generator=g) * 1024**-0.5).to(dtype),
+           "image_proj.proj.bias": torch.zeros(3072, dtype=dtype), "image_proj.norm.weight": torch.ones(768, dtype=dtype),
+           "image_proj.norm.bias": torch.zeros(768, dtype=dtype)}
+    for i, channels in enumerate(SD15_IP_SITE_CHANNELS):
+        for kv in ("k", "v"):
+            out[f"ip_adapter.{2 * i + 1}.to_{kv}_ip.weight"] = (torch.randn(channels, 768, generator=g) * 768**-0.5).to(dtype)
+    return out

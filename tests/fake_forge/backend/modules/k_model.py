@@ -13,7 +13,8 @@ class KModel(torch.nn.Module):
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
         sigma = t.reshape(-1, 1, 1, 1)
         xc = self.predictor.calculate_input(sigma, x)
-        out = self.diffusion_model(xc, self.predictor.timestep(t), c_crossattn, control=control).float()
+        out = self.diffusion_model(xc, self.predictor.timestep(t), c_crossattn, control=control,
+                                   transformer_options=transformer_options).float()
         return self.predictor.calculate_denoised(sigma, out, x)
 
     def memory_required(self, input_shape):  # Forge's estimate with PyTorch attention

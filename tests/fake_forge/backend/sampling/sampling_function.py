@@ -20,7 +20,7 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
     while to_run:
         first_shape = to_run[0][0]["model_conds"]["c_crossattn"].shape[1:]
         batch = [r for r in to_run if r[0]["model_conds"]["c_crossattn"].shape[1:] == first_shape]
-        to_run = [r for r in to_run if r not in batch]
+        to_run = [r for r in to_run if not any(r is b for b in batch)]
         conds = [{k: _repeat(v, x_in.shape[0]) for k, v in r[0]["model_conds"].items()} for r in batch]
         c = {k: torch.cat([d[k] for d in conds]) for k in conds[0]}
         transformer_options = dict(model_options.get("transformer_options", {}))
