@@ -61,10 +61,7 @@ def sweep_cell(host, settings: DeltaSettings, enabled: str) -> torch.Tensor:
     return torch.cat(host.processing.process_images(p).samples)
 
 
-def test_on_off_on_loads_the_source_once_and_off_leaves_the_device(host, monkeypatch):
-    from delta_hosts import generation
-
-    monkeypatch.setattr(generation, "low_ram", lambda: False)  # low RAM releases instead (tested below)
+def test_on_off_on_loads_the_source_once_and_off_leaves_the_device(host):
     write_lora(host)
     first, _, _ = generate(host, lora_ds(strength=1.0))
     loaded = loads(host)
