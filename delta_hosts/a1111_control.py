@@ -1,10 +1,14 @@
-"""A ControlNet on an A1111 source, through the sd-webui-controlnet extension's own code (its `UnetHook` on
-the source's UNet). Without that extension a ControlNet on the source is refused with what to install.
+"""A ControlNet and an IP-Adapter on an A1111 source, through the sd-webui-controlnet extension's own code
+(its `UnetHook` on the source's UNet; its `PlugableIPAdapter` on the source's cross-attention modules).
+Without that extension they are refused with what to install.
 
-The hook replaces the source UNet's `forward` for the pass; DS keeps the original one in place and swaps
-the hooked one in only while the adapted branch runs (`enabled`), so the base branch stays plain. It is
-given a stand-in process, never `p`: the hook rewraps `process.sample` to mark prompts, which would reach
-the target's sampler. The ControlNet sees the source's own input: its latent, timesteps and prompts.
+The hook replaces the source UNet's `forward` for the pass and the IP-Adapter its attention modules'; DS
+keeps the plain ones in place and swaps the hooked ones in only while the adapted branch runs (`enabled`),
+so the base branch stays plain. The hook gets a stand-in process, never `p`: it rewraps `process.sample`
+to mark prompts, which would reach the target's sampler. DS marks the source's own negative-prompt rows
+instead (`marked`), so the IP-Adapter gives them its zero-image tokens, as it does on the target. The
+extension's module globals (`current_model`, `all_hacks`) hold the user's own units: DS sets them only
+around its forwards and never leaves its modules there.
 """
 
 from __future__ import annotations
@@ -13,27 +17,29 @@ import contextlib
 import os
 import sys
 import types
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from lib_delta import DeltaError, latent, logger
 
-from . import files
+from . import control, files
 from .generation import temporarily
 from .memory import pass_size
 
-NO_IPADAPTER = ("Delta Sampling: an IP-Adapter on the DS source runs on Forge and Forge Neo; on A1111 it is not "
-                "supported yet (a ControlNet on the source is).")
-MISSING = ("Delta Sampling: a ControlNet on the DS source needs the sd-webui-controlnet extension on A1111 "
-           "(Extensions > Available > sd-webui-controlnet); DS drives its ControlNet code.")
+MISSING = ("Delta Sampling: a ControlNet or IP-Adapter on the DS source needs the sd-webui-controlnet extension "
+           "on A1111 (Extensions > Available > sd-webui-controlnet); DS drives its code.")
+ENCODERS = {"H": "clip_h", "bigG": "clip_g"}  # sd-webui-controlnet's CLIP vision preprocessors
+MODULES = {"hook": "scripts.hook", "guess": "scripts.controlnet_model_guess",
+           "ipadapter": "scripts.ipadapter.plugable_ipadapter", "clip": "scripts.preprocessor.legacy.processor"}
 
 
 def extension() -> types.SimpleNamespace:
     """sd-webui-controlnet's modules, as that extension registers them when A1111 loads it."""
-    names = {"hook": "scripts.hook", "guess": "scripts.controlnet_model_guess"}
-    found = {key: sys.modules.get(name) for key, name in names.items()}
+    found = {key: sys.modules.get(name) for key, name in MODULES.items()}
     if any(module is None for module in found.values()):
         raise DeltaError(MISSING)
     return types.SimpleNamespace(**found)
@@ -52,17 +58,29 @@ def load_controlnet(filename: str, unet: torch.nn.Module, device: torch.device, 
     return built
 
 
+def load_ipadapter(filename: str, source: Any) -> Any:
+    """sd-webui-controlnet's IP-Adapter for a file (read by DS), checked against the source."""
+    name = os.path.basename(filename)
+    weights = files.read_weights(filename, "IP-Adapter")
+    parts = control.ipadapter_parts(weights, name)
+    control.check_ipadapter(parts, source.model.model.diffusion_model, name, source.title)
+    control.image_encoder(parts, name)
+    built = extension().guess.build_model_by_guess({f"{p}.{k}": v for p, t in parts.items() for k, v in t.items()},
+                                                   None, filename)
+    logger.info("IP-Adapter %s loaded for the source (sd-webui-controlnet)", name)
+    return types.SimpleNamespace(model=built.model, type=built.type, encoder=ENCODERS[control.image_encoder(parts, name)])
+
+
 @dataclass
 class A1111Control:
     source: Any  # a1111_models.SourceModel
-    built: Any  # sd-webui-controlnet's ControlModel(model, type)
-    hint: torch.Tensor  # (1, 3, H, W) in [0, 1]
-    weight: float
-    start: float
-    end: float
-    native: bool = False  # the source runs at its native size: a second hint at that size
+    request: control.ControlRequest
+    controlnet: Any = None  # sd-webui-controlnet's ControlModel(model, type)
+    ipadapter: Any = None  # its PlugableIPAdapter (.model), with the encoder it takes
     hook: Any = None
-    hooked: Any = None  # the hooked forward, swapped in by `enabled`
+    hooked: Any = None  # the hooked UNet forward, swapped in by `enabled`
+    attention: dict[Any, tuple[Any, list]] = field(default_factory=dict)  # IP-Adapter: module -> (forward, hacks)
+    encoded: Any = None  # the reference image's CLIP output, once per generation
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -72,36 +90,106 @@ class A1111Control:
         return []
 
     def begin_pass(self, p: Any) -> None:
-        """Hook the source UNet for this pass with the hint at the pass's size (and at the native size the
-        source runs at, where it does), then put the plain forward back until `enabled`."""
+        """Hook the source UNet and its attention for this pass, then put the plain ones back until `enabled`."""
         ext = extension()
         width, height = pass_size(p)
-        device = next(self.unet.parameters()).device
-        hint = _resized(self.hint, (height, width)).to(device)
-        small = latent.native_size(self.source.latent_format, (height // 8, width // 8)) if self.native else None
+        if self.controlnet is not None:
+            self._hook_controlnet(ext, width, height)
+        if self.ipadapter is not None:
+            self._hook_ipadapter(ext, width, height)
+
+    def _hook_controlnet(self, ext: types.SimpleNamespace, width: int, height: int) -> None:
+        r, device = self.request, next(self.unet.parameters()).device
+        hint = _resized(r.hint, (height, width)).to(device)
+        small = latent.native_size(self.source.latent_format, (height // 8, width // 8)) if r.native else None
         param = ext.hook.ControlParams(
-            control_model=self.built.model, preprocessor={"name": "none", "preprocessor_resolution": 512,
-                                                          "threshold_a": 100, "threshold_b": 200},
-            hint_cond=hint, weight=self.weight, guidance_stopped=False, start_guidance_percent=self.start,
-            stop_guidance_percent=self.end, advanced_weighting=None, control_model_type=self.built.type,
-            hr_hint_cond=None if small is None else _resized(self.hint, (small[0] * 8, small[1] * 8)).to(device),
+            control_model=self.controlnet.model, preprocessor={"name": "none", "preprocessor_resolution": 512,
+                                                               "threshold_a": 100, "threshold_b": 200},
+            hint_cond=hint, weight=r.weight, guidance_stopped=False, start_guidance_percent=r.start,
+            stop_guidance_percent=r.end, advanced_weighting=None, control_model_type=self.controlnet.type,
+            hr_hint_cond=None if small is None else _resized(r.hint, (small[0] * 8, small[1] * 8)).to(device),
             global_average_pooling=False, soft_injection=False, cfg_injection=False)
         self.hook = ext.hook.UnetHook(lowvram=False)
         self.hook.hook(model=self.unet, sd_ldm=self.source.model, control_params=[param],
                        process=types.SimpleNamespace(sample=None))
         self.hooked, self.unet.forward = self.unet.forward, self.unet._original_forward
 
+    def _hook_ipadapter(self, ext: types.SimpleNamespace, width: int, height: int) -> None:
+        if self.encoded is None:
+            self.encoded = _encode(ext, self.request.reference, self.ipadapter.encoder)
+        globals_ = ext.ipadapter
+        previous, before = globals_.current_model, set(globals_.all_hacks)
+        try:
+            self.ipadapter.model.hook(model=self.unet, preprocessor_outputs=self.encoded, weight=self.request.ip_weight,
+                                      start=0.0, end=1.0, latent_width=width // 8, latent_height=height // 8,
+                                      effective_region_mask=None, dtype=torch.float32)
+        finally:
+            globals_.current_model = previous
+            for module in [m for m in globals_.all_hacks if m not in before]:
+                del globals_.all_hacks[module]
+                self.attention[module] = (module.__dict__.pop("forward"), module.__dict__.pop("ipadapter_hacks"))
+
     def end_pass(self) -> None:
         if self.hook is not None:
             self.hook.restore()
         self.hook = self.hooked = None
         self.unet.__dict__.pop("forward", None)  # the class's forward, as before the pass
+        self.attention.clear()
+        if self.ipadapter is not None:
+            self.ipadapter.model.cache = {}
 
-    def enabled(self) -> contextlib.AbstractContextManager[None]:
-        """The hooked forward for the adapted branch; the plain one (`_original_forward`) again after."""
+    @contextlib.contextmanager
+    def enabled(self) -> Iterator[None]:
+        """The hooked forwards for the adapted branch; the plain ones again after."""
+        if (self.controlnet is not None and self.hooked is None) or (self.ipadapter is not None and not self.attention):
+            raise DeltaError("Delta Sampling: the source's ControlNet / IP-Adapter was not set up for this pass.")
+        with contextlib.ExitStack() as stack:
+            if self.hooked is not None:
+                stack.enter_context(temporarily(self.unet, forward=self.hooked))
+            if self.attention:
+                stack.enter_context(temporarily(extension().ipadapter, current_model=self.unet))
+                stack.callback(self._plain_attention)
+                for module, (forward, hacks) in self.attention.items():
+                    module.forward, module.ipadapter_hacks = forward, hacks
+                self.ipadapter.model.cache = {}  # its key/value cache follows the rows of the last call
+            with temporarily(self.source, control=self):
+                yield
+
+    def _plain_attention(self) -> None:
+        for module in self.attention:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("ipadapter_hacks", None)
+        self.unet.__dict__.pop("cond_mark", None)
+
+    def marked(self, cond: dict, rows: int, uncond_rows: int) -> dict:
+        """The IP-Adapter's cond marks for one forward: the last `uncond_rows` rows are negative-prompt rows.
+        With the ControlNet hook, as the extension marks prompts: a +-1024 token before each row's context."""
+        if self.ipadapter is None:
+            return cond
+        mark = torch.ones(rows, 1, 1, 1)
+        mark[rows - uncond_rows :] = 0.0
         if self.hooked is None:
-            raise DeltaError("Delta Sampling: the source's ControlNet was not set up for this pass.")
-        return temporarily(self.unet, forward=self.hooked)
+            self.unet.cond_mark = mark.to(next(self.unet.parameters()).device)
+            return cond
+        context = cond["c_crossattn"][0]
+        token = extension().hook.POSITIVE_MARK_TOKEN * (mark[:, :, 0, :] * 2 - 1)
+        return {**cond, "c_crossattn": [torch.cat([token.to(context).expand(-1, 1, context.shape[2]), context], 1)]}
+
+
+def _encode(ext: types.SimpleNamespace, image: np.ndarray, config: str) -> dict[str, Any]:
+    """The reference image through the extension's CLIP vision preprocessor; an encoder DS loaded is
+    unloaded again (one the user's units loaded stays). Only what the IP-Adapter reads is kept, on the CPU."""
+    loaded = ext.clip.clip_encoder.get(config) is not None
+    try:
+        out, _ = ext.clip.clip(image, config=config)
+    except Exception as e:
+        raise DeltaError(f"Delta Sampling: the IP-Adapter's image encoder ({config}) could not be loaded: {e}. "
+                         "sd-webui-controlnet keeps it in models/clip_vision.") from e
+    finally:
+        if not loaded:
+            ext.clip.unload_clip(config)
+    hidden = out["hidden_states"]
+    return {"image_embeds": out["image_embeds"].cpu(), "hidden_states": [h.cpu() for h in hidden[-2:]]}
 
 
 def _resized(hint: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -49,6 +49,9 @@ class SourceModel:
     latent_format: latent.LatentFormat
     adapters: dict[tuple, LoraAdapter] = field(default_factory=dict)
     controlnets: dict[tuple, Any] = field(default_factory=dict)  # sd-webui-controlnet models this generation uses
+    ipadapters: dict[tuple, Any] = field(default_factory=dict)  # and IP-Adapters
+    control: Any = None  # while an adapted branch runs: its a1111_control.A1111Control
+    marks_uncond_rows = True  # model_fn takes uncond_rows (an IP-Adapter tells them apart)
     on_device: bool = False
 
     @property
@@ -58,8 +61,10 @@ class SourceModel:
             return math.inf
         return float(getattr(self.denoiser, "sigma_max", math.inf))
 
-    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond_rows: int = 0) -> torch.Tensor:
         cond_dict = cond if isinstance(cond, dict) else {"c_crossattn": [cond]}
+        if self.control is not None:
+            cond_dict = self.control.marked(cond_dict, x.shape[0], uncond_rows)
         with devices.autocast(), _own_unet():
             return self.denoiser(x, sigma, cond=cond_dict).to(x.dtype)
 
@@ -100,17 +105,19 @@ class SourceModel:
         return keep_only(self.adapters, [lora_key(stack) for stack in stacks], stacks, load)
 
     def controls_for(self, requests: list[Any]) -> list[Any]:
-        """One ControlNet per control.ControlRequest, through sd-webui-controlnet; keeps only these files loaded."""
+        """One control per control.ControlRequest, through sd-webui-controlnet; keeps only these files loaded."""
         from . import a1111_control
 
-        if any(r.ipadapter for r in requests):
-            raise DeltaError(a1111_control.NO_IPADAPTER)
         a1111_control.extension()  # a clear message before anything loads
-        cn_files = [r.controlnet for r in requests]
-        built = keep_only(self.controlnets, [file_key(f) for f in cn_files], cn_files, lambda f: a1111_control.load_controlnet(
-            f, self.model.model.diffusion_model, devices.device, devices.dtype_unet))
-        return [a1111_control.A1111Control(self, b, r.hint, r.weight, r.start, r.end, r.native)
-                for b, r in zip(built, requests, strict=True)]
+        cn_files = [r.controlnet for r in requests if r.controlnet]
+        ip_files = [r.ipadapter for r in requests if r.ipadapter]
+        unet = self.model.model.diffusion_model
+        nets = dict(zip(cn_files, keep_only(self.controlnets, [file_key(f) for f in cn_files], cn_files, lambda f:
+                                            a1111_control.load_controlnet(f, unet, devices.device, devices.dtype_unet)),
+                        strict=True))
+        ips = dict(zip(ip_files, keep_only(self.ipadapters, [file_key(f) for f in ip_files], ip_files,
+                                           lambda f: a1111_control.load_ipadapter(f, self)), strict=True))
+        return [a1111_control.A1111Control(self, r, nets.get(r.controlnet), ips.get(r.ipadapter)) for r in requests]
 
     def to_device(self) -> None:
         """Ready to run (policy: memory.MemoryPolicy): the UNet on the device, text encoders on the CPU;
@@ -280,9 +287,10 @@ def _denoiser(model: torch.nn.Module) -> torch.nn.Module:
 def release(source: SourceModel) -> None:
     """Drop a source model's weights so the memory really comes back."""
     source.adapters.clear()
-    for built in source.controlnets.values():
+    for built in [*source.controlnets.values(), *source.ipadapters.values()]:
         built.model.to("meta")
     source.controlnets.clear()
+    source.ipadapters.clear()
     source.model.to("meta")
     source.model = source.denoiser = None  # type: ignore[assignment]
     gc.collect()

@@ -34,7 +34,8 @@ def controlnet_extension() -> Iterator[None]:
     package.__path__ = [str(FAKE_CONTROLNET_EXTENSION)]
     sys.modules["scripts"] = package
     try:
-        for name in ("enums", "hook", "controlnet_model_guess"):
+        for name in ("enums", "hook", "controlnet_model_guess", "ipadapter.plugable_ipadapter",
+                     "preprocessor.legacy.processor"):
             importlib.import_module(f"scripts.{name}")
         yield
     finally:

@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 from test_a1111_lifecycle import lora_ds, write_lora
-from test_controlnet import controlled, picture
+from test_controlnet import controlled, controlnet_extension, picture
 from test_units_hosts import generate
 from tinyldm import controlnet_state_dict, ipadapter_state_dict
 from webui_models import sd15_ipadapter
@@ -21,9 +21,9 @@ from lib_delta.spec import DeltaSettings
 IP_FILE = "ip-adapter_tiny"
 
 
-@pytest.fixture(params=["forge", "neo"])
+@pytest.fixture(params=["forge", "neo", "a1111"])
 def host(request):
-    host = request.getfixturevalue(request.param)
+    host = request.getfixturevalue("webui" if request.param == "a1111" else request.param)
     from modules import paths
 
     paths.models_path = str(host.tmp / "models")
@@ -31,8 +31,17 @@ def host(request):
     folder.mkdir(parents=True)
     safetensors.torch.save_file(ipadapter_state_dict(), str(folder / f"{IP_FILE}.safetensors"))
     safetensors.torch.save_file(controlnet_state_dict(), str(folder / "control_sd15_canny.safetensors"))
-    host.folder = folder
-    return host
+    host.folder, host.kind = folder, request.param
+    if request.param != "a1111":
+        yield host
+        return
+    with controlnet_extension():
+        yield host
+
+
+def forge_only(host) -> None:
+    if host.kind == "a1111":
+        pytest.skip("Forge's IP-Adapter objects (A1111 has its own tests below)")
 
 
 def adapted(image: np.ndarray | None = None, **kw) -> DeltaSettings:
@@ -65,6 +74,7 @@ def test_its_patches_reach_only_the_adapted_forwards_with_the_sources_sigma(host
     """Every source forward with the IP-Adapter's patches is the adapted branch's (its LoRA is on), as many
     as the base's plain ones; the patch gets each forward's own sigma and cond/uncond chunks; the target's
     forwards carry no patch."""
+    forge_only(host)
     from backend.modules.k_model import KModel
     from lib_ipadapter import core
 
@@ -97,6 +107,7 @@ def test_its_patches_reach_only_the_adapted_forwards_with_the_sources_sigma(host
 
 
 def test_after_the_run_nothing_of_it_is_left_on_the_target_the_host_or_the_gpu(host):
+    forge_only(host)
     from backend import memory_management
     from lib_ipadapter import IPAdapterPlus
     from modules_forge.shared import supported_preprocessors
@@ -165,6 +176,7 @@ def test_a_wrong_ip_adapter_file_is_a_clear_error(host, weights, message):
 def test_without_the_built_in_ip_adapter_the_message_says_so(host, monkeypatch):
     import sys
 
+    forge_only(host)
     from modules_forge.shared import supported_preprocessors
 
     write_lora(host)
@@ -177,7 +189,56 @@ def test_without_the_built_in_ip_adapter_the_message_says_so(host, monkeypatch):
         generate(host, [adapted()])
 
 
-def test_on_a1111_an_ip_adapter_on_the_source_is_refused_with_a_message(webui):
+def a1111_only(host) -> None:
+    if host.kind != "a1111":
+        pytest.skip("sd-webui-controlnet's IP-Adapter on A1111")
+
+
+def test_on_a1111_the_hacks_run_only_in_adapted_forwards_with_their_rows_marked(host, monkeypatch):
+    """sd-webui-controlnet's attention hacks run only inside the adapted branch's forwards, each reading
+    that forward's cond marks (negative-prompt rows 0), also with the ControlNet hook; afterwards its
+    globals hold the user's own IP-Adapter again and the source's modules carry nothing."""
+    a1111_only(host)
+    from scripts.ipadapter import plugable_ipadapter as ip_globals
+
+    from delta_hosts import generation
+
+    write_lora(host)
+    target = host.shared.sd_model.model.diffusion_model
+    user_unit = ip_globals.PlugableIPAdapter(ip_globals.IPAdapterModel.load(
+        {"image_proj": {k[11:]: v for k, v in ipadapter_state_dict(3).items() if k.startswith("image_proj.")},
+         "ip_adapter": {k[11:]: v for k, v in ipadapter_state_dict(3).items() if k.startswith("ip_adapter.")}}, "user"))
+    user_unit.hook(model=target, preprocessor_outputs={"image_embeds": torch.ones(1, 1024)}, weight=0.0, start=0.0,
+                   end=1.0, latent_width=8, latent_height=8, effective_region_mask=None)
+    before = (ip_globals.current_model, dict(ip_globals.all_hacks))
+    marks = []
+    real_eval = ip_globals.ImageEmbed.eval
+    monkeypatch.setattr(ip_globals.ImageEmbed, "eval", lambda self, mark: marks.append(mark.flatten().tolist())
+                        or real_eval(self, mark))
+    for settings in (adapted(), controlled().replace(ipadapter_model=IP_FILE, ipadapter_image=picture(5))):
+        marks.clear()
+        generate(host, [settings], cfg_scale=5.0)
+        assert marks and all(m == [1.0, 0.0] for m in marks), marks  # one image: its cond row, its uncond row
+        assert (ip_globals.current_model, ip_globals.all_hacks) == before
+        source = next(iter(generation.CACHE.entries.values()))
+        for module in source.model.model.diffusion_model.modules():
+            assert "forward" not in module.__dict__ and "ipadapter_hacks" not in module.__dict__
+            assert "cond_mark" not in module.__dict__
+
+
+def test_on_a1111_the_encoder_the_extension_had_not_loaded_is_unloaded_again(host):
+    a1111_only(host)
+    from scripts.preprocessor.legacy import processor
+
+    write_lora(host)
+    generate(host, [adapted()])
+    assert processor.clip_encoder["clip_h"] is None and processor.loads == ["clip_h"]
+    processor.clip(picture(1), config="clip_h")  # the user's own IP-Adapter loaded it: it stays
+    generate(host, [adapted()])
+    assert processor.clip_encoder["clip_h"] is not None and processor.loads == ["clip_h", "clip_h"]
+
+
+def test_on_a1111_without_sd_webui_controlnet_the_message_says_what_to_install(webui):
     from modules import paths
 
     paths.models_path = str(webui.tmp / "models")
@@ -185,7 +246,7 @@ def test_on_a1111_an_ip_adapter_on_the_source_is_refused_with_a_message(webui):
     folder.mkdir(parents=True)
     safetensors.torch.save_file(ipadapter_state_dict(), str(folder / f"{IP_FILE}.safetensors"))
     write_lora(webui)
-    with pytest.raises(Exception, match="IP-Adapter on the DS source runs on Forge and Forge Neo"):
+    with pytest.raises(Exception, match="needs the sd-webui-controlnet extension"):
         generate(webui, [adapted()])
 
 

@@ -32,16 +32,32 @@ def _attend(tr: nn.Module, h: torch.Tensor, context: torch.Tensor, transformer_o
     b, c, hh, ww = h.shape
     tokens = tr.proj_in(h).flatten(2).transpose(1, 2)
     attn = tr.transformer_blocks[0].attn2
-    q, k, v = attn.to_q(tokens), attn.to_k(context), attn.to_v(context)
     patch = transformer_options.get("patches_replace", {}).get("attn2", {}).get(transformer_options.get("block"))
     if patch is not None:
+        q, k, v = attn.to_q(tokens), attn.to_k(context), attn.to_v(context)
         extra = {k: v for k, v in transformer_options.items() if k != "patches_replace"}
-        attended = patch(q, k, v, {**extra, "n_heads": 1, "dim_head": DIM, "original_shape": list(h.shape)})
+        tokens = tokens + attn.to_out(patch(q, k, v, {**extra, "n_heads": 1, "dim_head": DIM,
+                                                      "original_shape": list(h.shape)}))
     else:
-        attended = torch.softmax(q @ k.transpose(1, 2) / DIM**0.5, -1) @ v
-    tokens = tokens + attn.to_out[0](attended)
+        tokens = tokens + attn(tokens, context)
     tokens = tokens + torch.tanh(tr.transformer_blocks[0].ff.net[0].proj(tokens))
     return h + tr.proj_out(tokens.transpose(1, 2).reshape(b, c, hh, ww))
+
+
+class CrossAttention(nn.Module):
+    """ldm's CrossAttention names and call (x, context); one head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = 1
+        self.to_q, self.to_k, self.to_v = nn.Linear(DIM, DIM, bias=False), nn.Linear(CTX, DIM, bias=False), \
+            nn.Linear(CTX, DIM, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(DIM, DIM))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.to_out(torch.softmax(q @ k.transpose(1, 2) / DIM**0.5, -1) @ v)
 
 
 class TinyUNet(nn.Module):
@@ -50,8 +66,7 @@ class TinyUNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.time_embed = nn.Sequential(nn.Linear(8, DIM), nn.SiLU(), nn.Linear(DIM, DIM))
-        attn = _seq(to_q=nn.Linear(DIM, DIM, bias=False), to_k=nn.Linear(CTX, DIM, bias=False),
-                    to_v=nn.Linear(CTX, DIM, bias=False), to_out=nn.ModuleList([nn.Linear(DIM, DIM)]))
+        attn = CrossAttention()
         block = _seq(attn2=attn, ff=_seq(net=nn.ModuleList([_seq(proj=nn.Linear(DIM, DIM))])))
         transformer = _seq(proj_in=nn.Conv2d(DIM, DIM, 1), transformer_blocks=nn.ModuleList([block]),
                            proj_out=nn.Conv2d(DIM, DIM, 1))

@@ -2,6 +2,19 @@
 
 from modules import script_callbacks
 
+POSITIVE_MARK_TOKEN = 1024
+NEGATIVE_MARK_TOKEN = -POSITIVE_MARK_TOKEN
+MARK_EPS = 1e-3
+
+
+def unmark_prompt_context(x):
+    """A context whose first token is a +-1024 marker row: (cond_mark 1 for cond rows, the context without
+    it); an unmarked one: every row a cond row."""
+    if float((x[..., 0, :].abs() - POSITIVE_MARK_TOKEN).abs().mean()) >= MARK_EPS:
+        return x.new_ones(x.shape[0], 1, 1, 1), [], [], x
+    mark = (x[:, 0, :].mean(-1) > 0).to(x)[:, None, None, None]
+    return mark, [], [], x[:, 1:, :]
+
 
 class ControlParams:
     def __init__(self, control_model, preprocessor, hint_cond, weight, guidance_stopped, start_guidance_percent,
@@ -45,7 +58,8 @@ class UnetHook:
             return process.sample_before_CN_hack(*args, **kwargs)
 
         def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
-            self.cond_mark = x.new_ones(x.shape[0], 1, 1, 1)  # unmarked context: every row is a cond row
+            cond_mark, _, _, context = unmark_prompt_context(context)
+            outer.model.cond_mark = cond_mark
             output, middle = 0.0, 0.0
             for param in outer.control_params:
                 if param.guidance_stopped:
