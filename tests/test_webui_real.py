@@ -299,3 +299,113 @@ def test_a_lora_for_another_architecture_is_refused_with_counts(server):
         pytest.skip("DS_WRONG_LORA is not set")
     status, body = txt2img(server, ROLE_ARGS["lora"][1](server, name))
     assert status == 500 and "keys matched" in error_text(body) and "unmatched" in error_text(body), body
+
+
+# -- units, and a ControlNet / IP-Adapter on the source (issue 10) ------------------------------------
+def unit(url: str, **fields) -> dict:
+    """One DS unit in the API's dict form: a LoRA adapter on the source."""
+    return {"source": source_title(url), "adapter_kind": "lora", "adapter": lora_name(url), **fields}
+
+
+def max_abs_diff(a: dict, b: dict) -> int:
+    return max(abs(x - y) for x, y in zip(pixels(a), pixels(b), strict=True))
+
+
+def picture_png(seed: int) -> str:
+    """A 64x64 PNG of random rectangles (edges for canny), base64."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    image = np.zeros((64, 64, 3), np.uint8)
+    for _ in range(4):
+        x0, y0 = g.integers(0, 48, 2)
+        image[y0 : y0 + 16, x0 : x0 + 16] = g.integers(0, 255, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_two_units_add_their_lambdas(server):
+    status, one = txt2img(server, [unit(server, strength=2.0)])
+    assert status == 200, error_text(one)
+    status, two = txt2img(server, [unit(server, strength=0.8), unit(server, strength=1.2)])
+    assert status == 200, error_text(two)
+    assert max_abs_diff(one, two) <= 2  # the same sum, up to rounding
+
+
+def source_unet(url: str) -> dict:
+    import safetensors.torch
+
+    info = next(m for m in call(url, "/sdapi/v1/sd-models")[1] if m["title"] == source_title(url))
+    if not info["filename"].endswith(".safetensors"):
+        pytest.skip("the source is not a safetensors file")
+    weights = safetensors.torch.load_file(info["filename"])
+    if "model.diffusion_model.input_blocks.1.1.proj_in.weight" not in weights or \
+            weights["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape[0] != 320:
+        pytest.skip("the source is not an SD1.5 checkpoint")
+    return {k: v for k, v in weights.items() if k.startswith("model.diffusion_model.")}
+
+
+def control_file(url: str, name: str, make) -> Path:
+    """A random-weight file in the WebUI's models/ControlNet (deleted by the caller)."""
+    import safetensors.torch
+
+    folder = Path(WEBUI_DIR) / "models" / "ControlNet"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}.safetensors"
+    safetensors.torch.save_file(make(), str(path))
+    return path
+
+
+def skip_without_host_support(body: dict) -> None:
+    text = error_text(body)
+    if "sd-webui-controlnet" in text or "not supported yet" in text or "image encoder" in text:
+        pytest.skip(text)
+
+
+def test_a_controlnet_on_the_source_acts_and_at_weight_zero_is_none(server):
+    from webui_models import sd15_controlnet
+
+    unet = source_unet(server)
+    path = control_file(server, "ds_tier_controlnet", lambda: sd15_controlnet(unet))
+    try:
+        base = unit(server, strength=1.5)
+        control = {**base, "control_model": "ds_tier_controlnet", "control_image": picture_png(1)}
+        status, without = txt2img(server, [base])
+        assert status == 200, error_text(without)
+        status, zero = txt2img(server, [{**control, "control_weight": 0.0}])
+        skip_without_host_support(zero)
+        assert status == 200 and pixels(zero) == pixels(without), error_text(zero)
+        status, one = txt2img(server, [control])
+        assert status == 200 and pixels(one) != pixels(without), error_text(one)
+        info = json.loads(one["info"])["infotexts"][0]
+        assert "cn=ds_tier_controlnet" in info and "iVBOR" not in info  # the image is not in the infotext
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_an_ip_adapter_on_the_source_acts_and_at_weight_zero_is_none(server):
+    """Needs the host's CLIP ViT-H image encoder file (Forge: models/ControlNetPreprocessor/
+    CLIP-ViT-H-14.safetensors; A1111 + sd-webui-controlnet: models/clip_vision/clip_h.pth); skipped without."""
+    from webui_models import sd15_ipadapter
+
+    models = Path(WEBUI_DIR) / "models"
+    if not any(f.exists() for f in (models / "ControlNetPreprocessor" / "CLIP-ViT-H-14.safetensors",
+                                    models / "clip_vision" / "clip_h.pth")):
+        pytest.skip("no CLIP ViT-H image encoder file (the host would download one)")
+    source_unet(server)
+    path = control_file(server, "ds_tier_ip-adapter", sd15_ipadapter)
+    try:
+        base = unit(server, strength=1.5)
+        adapted = {**base, "ipadapter_model": "ds_tier_ip-adapter", "ipadapter_image": picture_png(2)}
+        status, without = txt2img(server, [base])
+        assert status == 200, error_text(without)
+        status, one = txt2img(server, [adapted])
+        skip_without_host_support(one)
+        assert status == 200 and pixels(one) != pixels(without), error_text(one)
+        assert "ip=ds_tier_ip-adapter" in json.loads(one["info"])["infotexts"][0]
+        status, zero = txt2img(server, [{**adapted, "ipadapter_weight": 0.0}])
+        assert status == 200 and pixels(zero) == pixels(without), error_text(zero)
+    finally:
+        path.unlink(missing_ok=True)
