@@ -107,8 +107,8 @@ def apply_ipadapter(unet: Any, parts: dict, image: np.ndarray, weight: float) ->
             raise DeltaError(MISSING_IPADAPTER) from e
     encoder = _clip_vision(control.image_encoder(parts, "the IP-Adapter"))
     pixels = torch.from_numpy(image.astype(np.float32) / 255.0)[None]  # B,H,W,C in [0, 1], as the host gives it
-    try:
-        with _class_state_kept(module.IPAdapterApply):  # Neo keeps its last adapter on the class
+    try:  # Script.process runs outside the host's inference mode: no autograd graph of the encoder here
+        with torch.no_grad(), _class_state_kept(module.IPAdapterApply):  # Neo keeps its last adapter on the class
             patched = module.IPAdapterApply().apply_ipadapter(
                 ipadapter=parts, model=unet, weight=weight, clip_vision=encoder, image=pixels, weight_type="original",
                 noise=0.0, embeds=None, attn_mask=None, start_at=0.0, end_at=1.0, unfold_batch=False)

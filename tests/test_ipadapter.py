@@ -127,6 +127,20 @@ def test_after_the_run_nothing_of_it_is_left_on_the_target_the_host_or_the_gpu(h
     assert supported_preprocessors["CLIP-ViT-H (IPAdapter)"].loads == 1  # the host's encoder cache, shared
 
 
+def test_the_image_tokens_keep_no_autograd_graph(host, monkeypatch):
+    """Script.process runs outside the host's inference mode: DS encodes the image without autograd, or
+    every generation would keep the encoder's activations alive (seen as RAM growth in a real Forge)."""
+    forge_only(host)
+    from lib_ipadapter import core
+
+    write_lora(host)
+    made = []
+    real_init = core.CrossAttentionPatch.__init__
+    monkeypatch.setattr(core.CrossAttentionPatch, "__init__", lambda self, **kw: made.append(kw) or real_init(self, **kw))
+    generate(host, [adapted()])
+    assert made and not any(kw["cond"].requires_grad or kw["uncond"].requires_grad for kw in made)
+
+
 def test_the_img2img_input_is_the_reference_when_the_panel_has_none(host):
     from PIL import Image
 

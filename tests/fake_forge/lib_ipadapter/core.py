@@ -44,8 +44,7 @@ class IPAdapter(nn.Module):
         self.image_proj_model.load_state_dict(ipadapter_model["image_proj"])
         self.ip_layers = To_KV(ipadapter_model["ip_adapter"])
 
-    @torch.inference_mode()
-    def get_image_embeds(self, clip_embed, clip_embed_zeroed):
+    def get_image_embeds(self, clip_embed, clip_embed_zeroed):  # no no_grad here or in encode_image, as in Forge
         return self.image_proj_model(clip_embed), self.image_proj_model(clip_embed_zeroed)
 
 
