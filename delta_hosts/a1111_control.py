@@ -183,8 +183,10 @@ def _encode(ext: types.SimpleNamespace, image: np.ndarray, config: str) -> dict[
     try:
         out, _ = ext.clip.clip(image, config=config)
     except Exception as e:
+        folder = getattr(sys.modules.get("annotator.annotator_path"), "models_path", None)
+        where = os.path.join(folder, "clip_vision") if folder else "its annotator/downloads/clip_vision folder"
         raise DeltaError(f"Delta Sampling: the IP-Adapter's image encoder ({config}) could not be loaded: {e}. "
-                         "sd-webui-controlnet keeps it in models/clip_vision.") from e
+                         f"sd-webui-controlnet keeps it as {config}.pth in {where}.") from e
     finally:
         if not loaded:
             ext.clip.unload_clip(config)

@@ -128,8 +128,11 @@ def _clip_vision(kind: str) -> Any:
     try:
         return preprocessor.load_clipvision()
     except Exception as e:
+        from modules_forge import shared as forge_shared
+
+        where = getattr(forge_shared, "preprocessor_dir", "models/ControlNetPreprocessor")
         raise DeltaError(f"Delta Sampling: the IP-Adapter's image encoder ({preprocessor.filename}) could not be "
-                         f"loaded: {e}. The WebUI keeps it in models/ControlNetPreprocessor.") from e
+                         f"loaded: {e}. The WebUI keeps it in {where}.") from e
 
 
 @contextlib.contextmanager

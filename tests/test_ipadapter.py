@@ -141,6 +141,25 @@ def test_the_image_tokens_keep_no_autograd_graph(host, monkeypatch):
     assert made and not any(kw["cond"].requires_grad or kw["uncond"].requires_grad for kw in made)
 
 
+def test_an_encoder_that_cannot_load_is_a_clear_error_naming_its_folder(host, monkeypatch):
+    write_lora(host)
+    offline = OSError("<urlopen error [Errno -2] Name or service not known>")
+    if host.kind == "a1111":
+        from scripts.preprocessor.legacy import processor
+
+        monkeypatch.setattr(processor, "ClipVisionDetector", lambda *a: (_ for _ in ()).throw(offline))
+        folder = "clip_h.pth in its annotator/downloads/clip_vision folder"
+    else:
+        from modules_forge.shared import preprocessor_dir, supported_preprocessors
+
+        encoder = supported_preprocessors["CLIP-ViT-H (IPAdapter)"]
+        monkeypatch.setattr(encoder, "load_clipvision", lambda: (_ for _ in ()).throw(offline))
+        folder = f"keeps it in {preprocessor_dir}"
+    with pytest.raises(Exception, match="image encoder .* could not be loaded: <urlopen error") as e:
+        generate(host, [adapted()])
+    assert folder in str(e.value)
+
+
 def test_the_img2img_input_is_the_reference_when_the_panel_has_none(host):
     from PIL import Image
 

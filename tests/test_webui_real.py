@@ -387,12 +387,14 @@ def test_a_controlnet_on_the_source_acts_and_at_weight_zero_is_none(server):
 
 def test_an_ip_adapter_on_the_source_acts_and_at_weight_zero_is_none(server):
     """Needs the host's CLIP ViT-H image encoder file (Forge: models/ControlNetPreprocessor/
-    CLIP-ViT-H-14.safetensors; A1111 + sd-webui-controlnet: models/clip_vision/clip_h.pth); skipped without."""
+    CLIP-ViT-H-14.safetensors; A1111 + sd-webui-controlnet: its annotator/downloads/clip_vision/clip_h.pth);
+    skipped without."""
     from webui_models import sd15_ipadapter
 
     models = Path(WEBUI_DIR) / "models"
+    annotator = Path(WEBUI_DIR) / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads"
     if not any(f.exists() for f in (models / "ControlNetPreprocessor" / "CLIP-ViT-H-14.safetensors",
-                                    models / "clip_vision" / "clip_h.pth")):
+                                    annotator / "clip_vision" / "clip_h.pth")):
         pytest.skip("no CLIP ViT-H image encoder file (the host would download one)")
     source_unet(server)
     path = control_file(server, "ds_tier_ip-adapter", sd15_ipadapter)
