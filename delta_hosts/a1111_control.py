@@ -185,8 +185,8 @@ def _encode(ext: types.SimpleNamespace, image: np.ndarray, config: str) -> dict[
     except Exception as e:
         folder = getattr(sys.modules.get("annotator.annotator_path"), "models_path", None)
         where = os.path.join(folder, "clip_vision") if folder else "its annotator/downloads/clip_vision folder"
-        raise DeltaError(f"Delta Sampling: the IP-Adapter's image encoder ({config}) could not be loaded: {e}. "
-                         f"sd-webui-controlnet keeps it as {config}.pth in {where}.") from e
+        raise DeltaError(f"Delta Sampling: the IP-Adapter's image encoder could not be loaded by sd-webui-controlnet "
+                         f"({config}.pth, kept in {where}): {type(e).__name__}: {e}") from e
     finally:
         if not loaded:
             ext.clip.unload_clip(config)

@@ -131,8 +131,8 @@ def _clip_vision(kind: str) -> Any:
         from modules_forge import shared as forge_shared
 
         where = getattr(forge_shared, "preprocessor_dir", "models/ControlNetPreprocessor")
-        raise DeltaError(f"Delta Sampling: the IP-Adapter's image encoder ({preprocessor.filename}) could not be "
-                         f"loaded: {e}. The WebUI keeps it in {where}.") from e
+        raise DeltaError(f"Delta Sampling: the IP-Adapter's image encoder could not be loaded by the WebUI "
+                         f"({preprocessor.filename}, kept in {where}): {type(e).__name__}: {e}") from e
 
 
 @contextlib.contextmanager
