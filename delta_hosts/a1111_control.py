@@ -14,6 +14,7 @@ around its forwards and never leaves its modules there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import types
@@ -68,7 +69,8 @@ def load_ipadapter(filename: str, source: Any) -> Any:
     built = extension().guess.build_model_by_guess({f"{p}.{k}": v for p, t in parts.items() for k, v in t.items()},
                                                    None, filename)
     logger.info("IP-Adapter %s loaded for the source (sd-webui-controlnet)", name)
-    return types.SimpleNamespace(model=built.model, type=built.type, encoder=ENCODERS[control.image_encoder(parts, name)])
+    return types.SimpleNamespace(model=built.model, type=built.type, encoder=ENCODERS[control.image_encoder(parts, name)],
+                                 encoded={})  # the last reference images' CLIP outputs, by content
 
 
 @dataclass
@@ -116,7 +118,7 @@ class A1111Control:
 
     def _hook_ipadapter(self, ext: types.SimpleNamespace, width: int, height: int) -> None:
         if self.encoded is None:
-            self.encoded = _encode(ext, self.request.reference, self.ipadapter.encoder)
+            self.encoded = _encoded(ext, self.ipadapter, self.request.reference)
         globals_ = ext.ipadapter
         previous, before = globals_.current_model, set(globals_.all_hacks)
         try:
@@ -151,7 +153,6 @@ class A1111Control:
                 stack.callback(self._plain_attention)
                 for module, (forward, hacks) in self.attention.items():
                     module.forward, module.ipadapter_hacks = forward, hacks
-                self.ipadapter.model.cache = {}  # its key/value cache follows the rows of the last call
             with temporarily(self.source, control=self):
                 yield
 
@@ -166,6 +167,7 @@ class A1111Control:
         With the ControlNet hook, as the extension marks prompts: a +-1024 token before each row's context."""
         if self.ipadapter is None:
             return cond
+        self.ipadapter.model.cache = {}  # its key/value cache follows the rows of one call
         mark = torch.ones(rows, 1, 1, 1)
         mark[rows - uncond_rows :] = 0.0
         if self.hooked is None:
@@ -174,6 +176,19 @@ class A1111Control:
         context = cond["c_crossattn"][0]
         token = extension().hook.POSITIVE_MARK_TOKEN * (mark[:, :, 0, :] * 2 - 1)
         return {**cond, "c_crossattn": [torch.cat([token.to(context).expand(-1, 1, context.shape[2]), context], 1)]}
+
+
+ENCODED_KEPT = 2  # reference images whose CLIP output an IP-Adapter keeps (an X/Y/Z grid reuses one)
+
+
+def _encoded(ext: types.SimpleNamespace, ipadapter: Any, image: np.ndarray) -> dict[str, Any]:
+    """The reference's CLIP output, encoded once per image content (loading the encoder costs seconds)."""
+    key = hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()
+    if key not in ipadapter.encoded:
+        while len(ipadapter.encoded) >= ENCODED_KEPT:
+            ipadapter.encoded.pop(next(iter(ipadapter.encoded)))
+        ipadapter.encoded[key] = _encode(ext, image, ipadapter.encoder)
+    return ipadapter.encoded[key]
 
 
 def _encode(ext: types.SimpleNamespace, image: np.ndarray, config: str) -> dict[str, Any]:

@@ -266,9 +266,14 @@ def test_on_a1111_the_encoder_the_extension_had_not_loaded_is_unloaded_again(hos
     write_lora(host)
     generate(host, [adapted()])
     assert processor.clip_encoder["clip_h"] is None and processor.loads == ["clip_h"]
+    generate(host, [adapted()])  # the same reference: encoded once per image, not loaded again
+    assert processor.loads == ["clip_h"]
     processor.clip(picture(1), config="clip_h")  # the user's own IP-Adapter loaded it: it stays
-    generate(host, [adapted()])
+    generate(host, [adapted(picture(6))])
     assert processor.clip_encoder["clip_h"] is not None and processor.loads == ["clip_h", "clip_h"]
+    processor.unload_clip("clip_h")
+    generate(host, [adapted(picture(8))])  # a new image loads it again, and unloads it
+    assert processor.clip_encoder["clip_h"] is None and processor.loads == ["clip_h"] * 3
 
 
 def test_on_a1111_without_sd_webui_controlnet_the_message_says_what_to_install(webui):
