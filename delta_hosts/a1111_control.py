@@ -28,7 +28,7 @@ import torch
 from lib_delta import DeltaError, latent, logger
 
 from . import control, files
-from .generation import temporarily
+from .generation import keeping_random_state, temporarily
 from .memory import pass_size
 
 MISSING = ("Delta Sampling: a ControlNet or IP-Adapter on the DS source needs the sd-webui-controlnet extension "
@@ -118,7 +118,8 @@ class A1111Control:
 
     def _hook_ipadapter(self, ext: types.SimpleNamespace, width: int, height: int) -> None:
         if self.encoded is None:
-            self.encoded = _encoded(ext, self.ipadapter, self.request.reference)
+            with keeping_random_state():  # the encoder is built with random init first
+                self.encoded = _encoded(ext, self.ipadapter, self.request.reference)
         globals_ = ext.ipadapter
         previous, before = globals_.current_model, set(globals_.all_hacks)
         try:

@@ -218,7 +218,20 @@ def abort(state: Prepared, error: DeltaError) -> None:
 
 def attach_controls(p: Any, units: list[Unit]) -> None:
     """Each unit's ControlNet and IP-Adapter on its adapted model, through the host's own code; a model keeps
-    loaded only the files this generation uses."""
+    loaded only the files this generation uses. The hosts build their modules with random init first: the
+    global random state is put back, so what the WebUI draws next (img2img noise) stays as it was."""
+    with keeping_random_state():
+        _attach_controls(p, units)
+
+
+@contextlib.contextmanager
+def keeping_random_state() -> Iterator[None]:
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _attach_controls(p: Any, units: list[Unit]) -> None:
     from . import control
 
     by_model: dict[int, tuple[Any, list[Unit], list[control.ControlRequest]]] = {}

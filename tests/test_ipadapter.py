@@ -160,6 +160,36 @@ def test_an_encoder_that_cannot_load_is_a_clear_error_naming_its_folder(host, mo
     assert folder in str(e.value)
 
 
+def test_loading_and_encoding_leave_the_global_random_state_as_it_was(host, monkeypatch):
+    """The hosts build IP-Adapter, ControlNet and encoder modules with random init; what the WebUI draws
+    afterwards (img2img noise) must not depend on whether DS loaded something this time."""
+    from delta_hosts import a1111_control, generation
+
+    write_lora(host)
+    seen = {}
+
+    def around(module, name, label):
+        real = getattr(module, name)
+
+        def spy(*args, **kwargs):
+            before = torch.get_rng_state()
+            result = real(*args, **kwargs)
+            seen[label] = torch.equal(before, torch.get_rng_state())
+            return result
+
+        monkeypatch.setattr(module, name, spy)
+
+    around(generation, "_attach_controls", "inside")
+    around(generation, "attach_controls", "outside")
+    if host.kind == "a1111":
+        around(a1111_control, "_encode", "encoder inside")
+        around(a1111_control.A1111Control, "_hook_ipadapter", "encoder outside")
+    generate(host, [controlled().replace(ipadapter_model=IP_FILE, ipadapter_image=picture(9))])
+    assert seen["inside"] is False and seen["outside"] is True  # the loaders drew; DS put the state back
+    if host.kind == "a1111":
+        assert seen["encoder inside"] is False and seen["encoder outside"] is True
+
+
 def test_the_img2img_input_is_the_reference_when_the_panel_has_none(host):
     from PIL import Image
 
