@@ -29,7 +29,6 @@ from .generation import (
     as_delta_error,
     fail,
     prepare,
-    trim_heap,
 )
 from .memory import activation_shape
 
@@ -127,8 +126,6 @@ def finish(p: Any) -> None:
     state: Prepared | None = getattr(p, STATE_ATTR, None)
     if state is not None:
         end_pass(state)
-        if any(unit.control is not None for unit in state.units):
-            trim_heap()  # the host's IP-Adapter / ControlNet objects of each generation fragment the heap
     setattr(p, STATE_ATTR, None)
 
 
