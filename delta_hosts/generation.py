@@ -108,7 +108,7 @@ def prepare(p: Any, units: list[DeltaSettings], models: ModuleType | None, unsup
                                                                 if s.enabled and s.adapter_kind == "checkpoint"}
         CACHE.capacity = max(int(shared.opts.data.get("delta_sampling_cache_size", 1)), len(checkpoints))
         for unit in enabled:  # never evicts a model of this generation: the capacity covers them all
-            with naming(unit):
+            with naming(unit), keeping_random_state():  # loaders init modules randomly first
                 load_unit(unit, models)
         attach_loras(enabled)
         attach_controls(p, enabled)

@@ -181,11 +181,17 @@ def test_loading_and_encoding_leave_the_global_random_state_as_it_was(host, monk
 
     around(generation, "_attach_controls", "inside")
     around(generation, "attach_controls", "outside")
+    marks = []  # the random state before the sources load (first `naming`) and after (`attach_loras`)
+    for name in ("naming", "attach_loras"):
+        real_fn = getattr(generation, name)
+        monkeypatch.setattr(generation, name, lambda *a, _real=real_fn, **k: marks.append(torch.get_rng_state())
+                            or _real(*a, **k))
     if host.kind == "a1111":
         around(a1111_control, "_encode", "encoder inside")
         around(a1111_control.A1111Control, "_hook_ipadapter", "encoder outside")
     generate(host, [controlled().replace(ipadapter_model=IP_FILE, ipadapter_image=picture(9))])
     assert seen["inside"] is False and seen["outside"] is True  # the loaders drew; DS put the state back
+    assert torch.equal(marks[0], marks[-1])  # the source's first load (random init) left no trace
     if host.kind == "a1111":
         assert seen["encoder inside"] is False and seen["encoder outside"] is True
 
