@@ -61,15 +61,11 @@ def load_controlnet(filename: str, unet: torch.nn.Module, device: torch.device, 
 
 def load_ipadapter(filename: str, source: Any) -> Any:
     """sd-webui-controlnet's IP-Adapter for a file (read by DS), checked against the source."""
-    name = os.path.basename(filename)
-    weights = files.read_weights(filename, "IP-Adapter")
-    parts = control.ipadapter_parts(weights, name)
-    control.check_ipadapter(parts, source.model.model.diffusion_model, name, source.title)
-    control.image_encoder(parts, name)
-    built = extension().guess.build_model_by_guess({f"{p}.{k}": v for p, t in parts.items() for k, v in t.items()},
-                                                   None, filename)
-    logger.info("IP-Adapter %s loaded for the source (sd-webui-controlnet)", name)
-    return types.SimpleNamespace(model=built.model, type=built.type, encoder=ENCODERS[control.image_encoder(parts, name)],
+    ipadapter = control.read_ipadapter(filename, source.model.model.diffusion_model, source.title)
+    flat = {f"{part}.{key}": tensor for part, table in ipadapter.parts.items() for key, tensor in table.items()}
+    built = extension().guess.build_model_by_guess(flat, None, filename)
+    logger.info("IP-Adapter %s loaded for the source (sd-webui-controlnet)", os.path.basename(filename))
+    return types.SimpleNamespace(model=built.model, type=built.type, encoder=ENCODERS[ipadapter.encoder],
                                  encoded={})  # the last reference images' CLIP outputs, by content
 
 

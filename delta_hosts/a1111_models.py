@@ -21,7 +21,15 @@ from lib_delta import DeltaError, latent, logger
 from lib_delta.lora import LoraAdapter
 
 from .files import find_checkpoint, read_weights, split_title  # noqa: F401 - re-exported
-from .generation import encode_prompts, file_key, keep_only, loading_source, lora_key, temporarily, trim_heap
+from .generation import (
+    encode_prompts,
+    keep_files,
+    keep_only,
+    loading_source,
+    lora_key,
+    temporarily,
+    trim_heap,
+)
 from .memory import MemoryPolicy
 
 
@@ -109,14 +117,11 @@ class SourceModel:
         from . import a1111_control
 
         a1111_control.extension()  # a clear message before anything loads
-        cn_files = [r.controlnet for r in requests if r.controlnet]
-        ip_files = [r.ipadapter for r in requests if r.ipadapter]
         unet = self.model.model.diffusion_model
-        nets = dict(zip(cn_files, keep_only(self.controlnets, [file_key(f) for f in cn_files], cn_files, lambda f:
-                                            a1111_control.load_controlnet(f, unet, devices.device, devices.dtype_unet)),
-                        strict=True))
-        ips = dict(zip(ip_files, keep_only(self.ipadapters, [file_key(f) for f in ip_files], ip_files,
-                                           lambda f: a1111_control.load_ipadapter(f, self)), strict=True))
+        nets = keep_files(self.controlnets, [r.controlnet for r in requests if r.controlnet],
+                          lambda f: a1111_control.load_controlnet(f, unet, devices.device, devices.dtype_unet))
+        ips = keep_files(self.ipadapters, [r.ipadapter for r in requests if r.ipadapter],
+                         lambda f: a1111_control.load_ipadapter(f, self))
         return [a1111_control.A1111Control(self, r, nets.get(r.controlnet), ips.get(r.ipadapter)) for r in requests]
 
     def to_device(self) -> None:

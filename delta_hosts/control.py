@@ -16,6 +16,8 @@ import torch
 from lib_delta import DeltaError
 from lib_delta.spec import DeltaSettings
 
+from . import files
+
 EXTENSIONS = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
 IPADAPTER_MARKERS = ("ip-adapter", "ip_adapter", "ipadapter")
 CANNY_THRESHOLDS = (100, 200)  # the WebUIs' canny defaults (Forge's and sd-webui-controlnet's)
@@ -154,6 +156,21 @@ def reference(p: Any, settings: DeltaSettings) -> np.ndarray:
 
 
 CONTEXT_DIMS = {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}  # what an IP-Adapter's to_k_ip layers take
+
+
+@dataclass(frozen=True)
+class IPAdapterFile:
+    parts: dict[str, dict[str, torch.Tensor]]  # {"image_proj": ..., "ip_adapter": ...}
+    encoder: str  # the CLIP image encoder it takes: "H" or "bigG"
+
+
+def read_ipadapter(filename: str, unet: torch.nn.Module, source: str) -> IPAdapterFile:
+    """An IP-Adapter file read by DS (safetensors, or a weights-only pickle) and checked against the source's
+    UNet; the hosts build their modules from its tables."""
+    name = os.path.basename(filename)
+    parts = ipadapter_parts(files.read_weights(filename, "IP-Adapter"), name)
+    check_ipadapter(parts, unet, name, source)
+    return IPAdapterFile(parts, image_encoder(parts, name))
 
 
 def ipadapter_parts(weights: dict[str, torch.Tensor], name: str) -> dict[str, dict[str, torch.Tensor]]:

@@ -72,18 +72,16 @@ def load_controlnet(filename: str, source_title: str) -> Any:
     return patcher.model_patcher
 
 
-def load_ipadapter(filename: str, source: Any) -> dict[str, dict[str, torch.Tensor]]:
-    """An IP-Adapter file's tables (read by DS: safetensors, or a weights-only pickle), checked against the
-    source; the built-in IP-Adapter builds its modules from them at each generation."""
-    name = os.path.basename(filename)
-    parts = control.ipadapter_parts(files.read_weights(filename, "IP-Adapter"), name)
-    control.check_ipadapter(parts, source.unet.model.diffusion_model, name, source.title)
-    control.image_encoder(parts, name)
-    logger.info("IP-Adapter %s loaded for the source %s", name, source.title)
-    return parts
+def load_ipadapter(filename: str, source: Any) -> control.IPAdapterFile:
+    """An IP-Adapter file checked against the source; the built-in IP-Adapter builds its modules from it at
+    each generation."""
+    ipadapter = control.read_ipadapter(filename, source.unet.model.diffusion_model, source.title)
+    logger.info("IP-Adapter %s loaded for the source %s", os.path.basename(filename), source.title)
+    return ipadapter
 
 
-def attach(source: Any, request: control.ControlRequest, controlnet: Any, ipadapter: dict | None) -> ForgeControl:
+def attach(source: Any, request: control.ControlRequest, controlnet: Any,
+           ipadapter: control.IPAdapterFile | None) -> ForgeControl:
     """A clone of the source's UNet patcher with the ControlNet and its hint (the host resizes the hint to
     whatever size the source runs at) and the IP-Adapter's patches, through the host's own calls."""
     unet = source.unet
@@ -96,7 +94,7 @@ def attach(source: Any, request: control.ControlRequest, controlnet: Any, ipadap
     return ForgeControl(source, unet)
 
 
-def apply_ipadapter(unet: Any, parts: dict, image: np.ndarray, weight: float) -> Any:
+def apply_ipadapter(unet: Any, ipadapter: control.IPAdapterFile, image: np.ndarray, weight: float) -> Any:
     """The built-in IP-Adapter on a clone of `unet`, its reference image encoded by the host's CLIP vision
     preprocessor (shared with the user's own IP-Adapter units); the encoder leaves the GPU afterwards."""
     module = sys.modules.get("lib_ipadapter.IPAdapterPlus")
@@ -105,12 +103,12 @@ def apply_ipadapter(unet: Any, parts: dict, image: np.ndarray, weight: float) ->
             module = importlib.import_module("lib_ipadapter.IPAdapterPlus")
         except ImportError as e:
             raise DeltaError(MISSING_IPADAPTER) from e
-    encoder = _clip_vision(control.image_encoder(parts, "the IP-Adapter"))
+    encoder = _clip_vision(ipadapter.encoder)
     pixels = torch.from_numpy(image.astype(np.float32) / 255.0)[None]  # B,H,W,C in [0, 1], as the host gives it
     try:  # Script.process runs outside the host's inference mode: no autograd graph of the encoder here
         with torch.no_grad(), _class_state_kept(module.IPAdapterApply):  # Neo keeps its last adapter on the class
             patched = module.IPAdapterApply().apply_ipadapter(
-                ipadapter=parts, model=unet, weight=weight, clip_vision=encoder, image=pixels, weight_type="original",
+                ipadapter=ipadapter.parts, model=unet, weight=weight, clip_vision=encoder, image=pixels, weight_type="original",
                 noise=0.0, embeds=None, attn_mask=None, start_at=0.0, end_at=1.0, unfold_batch=False)
     finally:
         forget_modules(memory_management.current_loaded_models, [encoder.model], lambda entry: entry.model_unload())

@@ -42,8 +42,8 @@ from . import files
 from .a1111_models import flag_format
 from .generation import (
     encode_prompts,
-    file_key,
     forget_modules,
+    keep_files,
     keep_only,
     loading_source,
     lora_key,
@@ -239,12 +239,10 @@ class SourceModel:
         """One patched clone per control.ControlRequest; keeps only these ControlNet / IP-Adapter files loaded."""
         from . import forge_control
 
-        cn_files = [r.controlnet for r in requests if r.controlnet]
-        ip_files = [r.ipadapter for r in requests if r.ipadapter]
-        nets = dict(zip(cn_files, keep_only(self.controlnets, [file_key(f) for f in cn_files], cn_files,
-                                            lambda f: forge_control.load_controlnet(f, self.title)), strict=True))
-        ips = dict(zip(ip_files, keep_only(self.ipadapters, [file_key(f) for f in ip_files], ip_files,
-                                           lambda f: forge_control.load_ipadapter(f, self)), strict=True))
+        nets = keep_files(self.controlnets, [r.controlnet for r in requests if r.controlnet],
+                          lambda f: forge_control.load_controlnet(f, self.title))
+        ips = keep_files(self.ipadapters, [r.ipadapter for r in requests if r.ipadapter],
+                         lambda f: forge_control.load_ipadapter(f, self))
         return [forge_control.attach(self, r, nets.get(r.controlnet), ips.get(r.ipadapter)) for r in requests]
 
     def offload(self) -> None:

@@ -169,6 +169,11 @@ def keep_only(cache: dict, keys: list[tuple], stacks: list[Any], load: Callable[
     return [cache[key] for key in keys]
 
 
+def keep_files(cache: dict, filenames: list[str], load: Callable[[str], Any]) -> dict[str, Any]:
+    """`keep_only` for files keyed by `file_key`: {filename: loaded} for exactly these files."""
+    return dict(zip(filenames, keep_only(cache, [file_key(f) for f in filenames], filenames, load), strict=True))
+
+
 def attach_loras(units: list[Unit]) -> None:
     """Each unit's LoRA stack on its adapted model (the source, or the adapter checkpoint). A model keeps the
     stacks this generation uses and drops any other (one model may carry one stack per unit)."""

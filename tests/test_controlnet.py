@@ -44,21 +44,28 @@ def controlnet_extension() -> Iterator[None]:
         sys.modules.update(saved)
 
 
-@pytest.fixture(params=["forge", "neo", "a1111"])
-def host(request):
+def host_with_control_files(request, **files: dict) -> Iterator:
+    """The host named by the fixture's param, with these {name: tensors} files in its models/ControlNet (A1111:
+    with the fake sd-webui-controlnet loaded); `host.folder`, `host.kind` set."""
     host = request.getfixturevalue("webui" if request.param == "a1111" else request.param)
     from modules import paths
 
     paths.models_path = str(host.tmp / "models")
     folder = host.tmp / "models" / "ControlNet"
     folder.mkdir(parents=True)
-    safetensors.torch.save_file(controlnet_state_dict(), str(folder / "control_sd15_canny.safetensors"))
-    host.kind = request.param
+    for name, tensors in files.items():
+        safetensors.torch.save_file(tensors, str(folder / f"{name}.safetensors"))
+    host.folder, host.kind = folder, request.param
     if request.param != "a1111":
         yield host
         return
     with controlnet_extension():
         yield host
+
+
+@pytest.fixture(params=["forge", "neo", "a1111"])
+def host(request):
+    yield from host_with_control_files(request, control_sd15_canny=controlnet_state_dict())
 
 
 def picture(seed: int, size: int = 64) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 from test_a1111_lifecycle import lora_ds, write_lora
-from test_controlnet import controlled, controlnet_extension, picture
+from test_controlnet import controlled, host_with_control_files, picture
 from test_units_hosts import generate
 from tinyldm import controlnet_state_dict, ipadapter_state_dict
 from webui_models import sd15_ipadapter
@@ -23,20 +23,8 @@ IP_FILE = "ip-adapter_tiny"
 
 @pytest.fixture(params=["forge", "neo", "a1111"])
 def host(request):
-    host = request.getfixturevalue("webui" if request.param == "a1111" else request.param)
-    from modules import paths
-
-    paths.models_path = str(host.tmp / "models")
-    folder = host.tmp / "models" / "ControlNet"
-    folder.mkdir(parents=True)
-    safetensors.torch.save_file(ipadapter_state_dict(), str(folder / f"{IP_FILE}.safetensors"))
-    safetensors.torch.save_file(controlnet_state_dict(), str(folder / "control_sd15_canny.safetensors"))
-    host.folder, host.kind = folder, request.param
-    if request.param != "a1111":
-        yield host
-        return
-    with controlnet_extension():
-        yield host
+    yield from host_with_control_files(request, **{IP_FILE: ipadapter_state_dict(),
+                                                   "control_sd15_canny": controlnet_state_dict()})
 
 
 def forge_only(host) -> None:
